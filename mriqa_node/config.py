@@ -1,0 +1,168 @@
+"""Node configuration: one TOML file, environment overrides, validated at start.
+
+Precedence (highest first): environment variables ``MRIQA_<SECTION>__<KEY>`` (for example
+``MRIQA_DICOM__PORT=11113``), the TOML file (``--config PATH`` or ``MRIQA_CONFIG``), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomConfig(_Section):
+    ae_title: str = "MRIQA"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aets: list[str] = ["SCANNER1"]
+    # Empty: any address. Otherwise only these peer IPs may associate.
+    allowed_ips: list[str] = []
+    max_associations: int = Field(10, ge=1)
+    max_pdu: int = Field(0, ge=0, description="0: unlimited")
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""  # when set, peers must present a certificate signed by this CA
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        if not 1 <= len(v) <= 16 or "\\" in v or not v.isprintable():
+            raise ValueError("AE title must be 1-16 printable characters without backslash")
+        return v
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+
+class StorageConfig(_Section):
+    spool_dir: Path = Path("var/spool")
+    database_url: str = "sqlite:///var/mriqa.db"
+    # fsync file and directory before answering Success; off only if power-cut loss is acceptable.
+    fsync: bool = True
+
+
+class SeriesConfig(_Section):
+    idle_seconds: float = Field(5.0, gt=0)
+    # After the sending association is released, a series without an announced size is complete
+    # once it has been quiet this long (the release is a hint that the scanner is done).
+    release_grace_seconds: float = Field(1.0, ge=0)
+
+
+class ModelConfig(_Section):
+    path: str = ""  # empty: the bundled model (or an untrained ConvNet until one is bundled)
+
+
+class WorkerConfig(_Section):
+    enabled: bool = True  # run the scoring worker inside `mriqa serve`
+    max_batch: int = Field(16, ge=1)
+    max_wait_ms: float = Field(20.0, ge=0)
+    poll_seconds: float = Field(0.2, gt=0)
+    claim_seconds: float = Field(120.0, gt=0)  # an unfinished claim expires after this
+
+
+class VerdictConfig(_Section):
+    """Overrides of the model's series policy; unset keys come from model.json."""
+
+    slice_threshold: float | None = Field(None, ge=0, le=1)
+    series_threshold: float | None = Field(None, ge=0, le=1)
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    worst_count: int | None = Field(None, ge=1)
+
+
+class LoggingConfig(_Section):
+    level: str = "INFO"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MRIQA_", env_nested_delimiter="__", extra="forbid", toml_file=None
+    )
+
+    dicom: DicomConfig = DicomConfig()
+    storage: StorageConfig = StorageConfig()
+    series: SeriesConfig = SeriesConfig()
+    model: ModelConfig = ModelConfig()
+    worker: WorkerConfig = WorkerConfig()
+    verdict: VerdictConfig = VerdictConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate; ``path`` falls back to MRIQA_CONFIG, then to defaults only."""
+    path = path or os.environ.get("MRIQA_CONFIG") or None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    settings_cls = Settings
+    if path is not None:  # a subclass bound to this file: pydantic-settings reads it from config
+        bound = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+        settings_cls = type("Settings", (Settings,), {"model_config": bound})
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        lines = [f"invalid configuration{where}:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {key}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def to_toml(settings: Settings) -> str:
+    """The effective configuration as TOML, for `mriqa config show`."""
+    out: list[str] = []
+    for section, values in settings.model_dump(mode="json").items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                out.append(f"# {key} = (from model)")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,206 @@
+"""The DICOM receiver: pynetdicom handlers bound to events, around the intake service.
+
+Success is answered only after the instance is durable (spool file fsync'd, row committed).
+Status codes (PS3.4 B.2.3): 0xA700 out of resources (the scanner retries later), 0xA900 data
+set does not match SOP class, 0xC210 cannot understand, 0xC211 unexpected error.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections import defaultdict
+from typing import Any
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from mriqa_node.config import DicomConfig
+from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, parse_header
+from mriqa_node.services.intake import Intake
+from mriqa_node.spool import SpoolError
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+UNEXPECTED_ERROR = 0xC211
+
+
+class StoreSCP:
+    """Binds the intake service to a pynetdicom acceptor."""
+
+    def __init__(self, config: DicomConfig, intake: Intake) -> None:
+        self.config = config
+        self.intake = intake
+        self._series_by_assoc: dict[int, set[str]] = defaultdict(set)
+        self.server: ThreadedAssociationServer | None = None
+
+    def make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = self.config.max_pdu
+        ae.maximum_associations = self.config.max_associations
+        ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        ae = self.make_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_CONN_CLOSE, self.handle_closed),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+        server = ae.start_server(
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+        )
+        assert server is not None
+        # socketserver calls this for every accepted connection before any DICOM is read.
+        server.verify_request = self._verify_connection  # type: ignore[method-assign]
+        self.server = server
+        log.info(
+            "DICOM SCP %s listening on %s:%d%s; allowed callers: %s",
+            self.config.ae_title,
+            self.config.host,
+            self.config.port,
+            " (TLS)" if self.config.tls else "",
+            ", ".join(self.config.allowed_calling_aets) or "(none)",
+        )
+        return server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def _verify_connection(self, request: Any, client_address: Any) -> bool:
+        # Nagle's algorithm stalls each C-STORE response ~40 ms against delayed ACKs.
+        try:
+            sock = request if isinstance(request, socket.socket) else request[1]
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if self.config.allowed_ips and ip not in self.config.allowed_ips:
+            log.warning("refused connection from %s: address not allowed", ip)
+            return False
+        return True
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
+        if self.config.tls_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.config.tls_ca)
+        return context
+
+    # -- event handlers ---------------------------------------------------------------------
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        log.info(
+            "association from %s (%s)",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        log.warning(
+            "association from %s (%s) rejected: calling AE not allowed or no usable context",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def handle_store(self, event: evt.Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        try:
+            ts = event.context.transfer_syntax
+            ds = event.dataset
+            header = parse_header(ds, ts)
+        except InvalidInstance as exc:
+            log.warning("refused instance from %s: %s", calling, exc)
+            return DATASET_MISMATCH
+        except Exception as exc:  # undecodable stream: pydicom raises many types here
+            log.warning("refused instance from %s: cannot decode dataset: %s", calling, exc)
+            return CANNOT_UNDERSTAND
+        if header.sop_class_uid != event.request.AffectedSOPClassUID:
+            log.warning(
+                "refused instance %s: SOP class %s differs from the request's %s",
+                header.sop_instance_uid,
+                header.sop_class_uid,
+                event.request.AffectedSOPClassUID,
+            )
+            return DATASET_MISMATCH
+        try:
+            self.intake.store(header, event.encoded_dataset(include_meta=True), calling)
+        except (SpoolError, SQLAlchemyError) as exc:
+            log.error(
+                "cannot keep instance %s, answering 0xA700 so the sender retries: %s",
+                header.sop_instance_uid,
+                _short(exc),
+            )
+            return OUT_OF_RESOURCES
+        except Exception:
+            log.exception("unexpected error storing instance %s", header.sop_instance_uid)
+            return UNEXPECTED_ERROR
+        self._series_by_assoc[id(event.assoc)].add(header.series_uid)
+        return 0x0000
+
+    def handle_released(self, event: evt.Event) -> None:
+        """A clean release hints that the sender is done with its series (an abort does not)."""
+        series = self._series_by_assoc.pop(id(event.assoc), set())
+        try:
+            self.intake.mark_released(series)
+        except SQLAlchemyError as exc:  # only a hint: idle completion still applies
+            log.warning("could not record association release: %s", _short(exc))
+
+    def handle_closed(self, event: evt.Event) -> None:
+        self._series_by_assoc.pop(id(event.assoc), None)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300]

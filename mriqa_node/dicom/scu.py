@@ -1,0 +1,69 @@
+"""A small C-STORE SCU for demos and tests: `mriqa send PATH --to HOST:PORT`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # path -> status (or -1: not sent)
+
+
+def dicom_files(paths: Iterable[Path]) -> list[Path]:
+    """Files under the given paths, in name order (folders are walked)."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            out.append(path)
+    return out
+
+
+def send_datasets(
+    datasets: list[pydicom.Dataset],
+    host: str,
+    port: int,
+    called_aet: str = "MRIQA",
+    calling_aet: str = "SCANNER1",
+    names: list[str] | None = None,
+) -> SendReport:
+    """One association for all datasets, with a context per (SOP class, transfer syntax)."""
+    ae = AE(ae_title=calling_aet)
+    pairs = {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}
+    ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(pairs)][:128]
+    report = SendReport()
+    names = names or [str(ds.SOPInstanceUID) for ds in datasets]
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        report.failed = dict.fromkeys(names, -1)
+        log.error("association to %s@%s:%d refused or failed", called_aet, host, port)
+        return report
+    try:
+        for name, ds in zip(names, datasets, strict=True):
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if status else -1
+            if code == 0:
+                report.sent += 1
+            else:
+                report.failed[name] = code
+                log.warning("%s: status 0x%04X", name, code & 0xFFFF)
+    finally:
+        assoc.release()
+    return report
+
+
+def send_files(paths: list[Path], host: str, port: int, **kw) -> SendReport:
+    datasets = [pydicom.dcmread(p) for p in paths]
+    return send_datasets(datasets, host, port, names=[str(p) for p in paths], **kw)

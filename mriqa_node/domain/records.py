@@ -1,0 +1,28 @@
+"""Plain records passed between the DICOM adapter, the services and the worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the node needs from one instance's header, parsed once at receipt."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None = None
+    frames: int = 1
+    expected_slices: int | None = None  # announced size of the series, when the header says
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    protocol_name: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None

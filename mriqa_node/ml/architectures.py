@@ -1,0 +1,29 @@
+"""The paper's ConvNet as a short Keras builder (training adds its own models beside it).
+
+Four convolutions (10x10, 7x7, 3x3, 3x3), each stride 2 and each followed by ReLU then batch
+normalisation, as the paper orders them; flatten; one dense layer to the class logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import layers
+
+
+def convnet(
+    input_size: int = 512,
+    num_classes: int = 2,
+    widths: Sequence[int] = (32, 64, 128, 256),
+    name: str = "convnet",
+) -> keras.Model:
+    inputs = keras.Input((input_size, input_size, 1), name="image")
+    x = inputs
+    for i, (width, kernel) in enumerate(zip(widths, (10, 7, 3, 3), strict=True), start=1):
+        x = layers.Conv2D(width, kernel, strides=2, padding="same", name=f"conv{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name)

@@ -1,0 +1,157 @@
+"""Wiring: build the services from the config and run receiver, worker and series monitor."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from mriqa_node.config import Settings
+from mriqa_node.db import migrate
+from mriqa_node.db.engine import make_engine, make_sessionmaker
+from mriqa_node.db.models import Instance
+from mriqa_node.dicom.headers import InvalidInstance, parse_header
+from mriqa_node.dicom.scp import StoreSCP
+from mriqa_node.domain.completion import CompletionRule
+from mriqa_node.ml.artifact import untrained_convnet_artifact
+from mriqa_node.services.intake import Intake
+from mriqa_node.services.scoring import WorkQueue
+from mriqa_node.services.series import SeriesService
+from mriqa_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = Path(__file__).parent / "models" / "bundled"
+MONITOR_INTERVAL = 0.1  # seconds between completion checks
+
+
+def resolve_model(settings: Settings) -> Path:
+    """The configured artifact, else the bundled one, else a loudly announced untrained ConvNet."""
+    if settings.model.path:
+        return Path(settings.model.path)
+    if (BUNDLED_MODEL / "model.json").is_file():
+        return BUNDLED_MODEL
+    fallback = Path(settings.storage.spool_dir).parent / "models" / "convnet-untrained"
+    if not (fallback / "model.json").is_file():
+        untrained_convnet_artifact(fallback)
+    log.warning("=" * 78)
+    log.warning("NO TRAINED MODEL: scoring with an UNTRAINED ConvNet (%s).", fallback)
+    log.warning("Its verdicts are meaningless. Set [model] path to a trained artifact.")
+    log.warning("=" * 78)
+    return fallback
+
+
+class Node:
+    """One process of the node: any of receiver, worker and monitor, on one database."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.storage.database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        self.work_available = threading.Event()
+        self.intake = Intake(self.sessions, self.spool, on_work=self.work_available.set)
+        self.series = SeriesService(
+            self.sessions,
+            CompletionRule(settings.series.idle_seconds, settings.series.release_grace_seconds),
+            settings.verdict.model_dump(),
+        )
+        self.queue = WorkQueue(self.sessions, settings.worker.claim_seconds)
+        self.scp: StoreSCP | None = None
+        self.worker = None
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def upgrade_db(self) -> None:
+        migrate.upgrade(self.engine)
+
+    def recover_spool(self) -> int:
+        """Register spool files that have no row (written, then the commit did not happen)."""
+        with self.sessions() as session:
+            known = set(session.scalars(select(Instance.spool_path)))
+        recovered = 0
+        for relpath in self.spool.files():
+            if relpath in known:
+                continue
+            try:
+                ds = pydicom.dcmread(self.spool.path(relpath), stop_before_pixels=True)
+                header = parse_header(ds, ds.file_meta.TransferSyntaxUID)
+                self.intake.register(header, relpath, self.spool.path(relpath).stat().st_size, None)
+                recovered += 1
+            except (
+                InvalidInstance,
+                pydicom.errors.InvalidDicomError,
+                OSError,
+                AttributeError,
+            ) as e:
+                log.error("spool file %s cannot be re-ingested: %s", relpath, e)
+        if recovered:
+            log.info("recovered %d spool file(s) without a database row", recovered)
+            self.work_available.set()
+        return recovered
+
+    def start(self, receiver: bool = True, worker: bool = True, monitor: bool = True) -> None:
+        self.upgrade_db()
+        if receiver:
+            self.recover_spool()
+        if worker:
+            self.worker = self._make_worker()
+            self._spawn("worker", lambda: self.worker.run(self.stopping))
+        if monitor:
+            self._spawn("series-monitor", self._monitor)
+        if receiver:
+            self.scp = StoreSCP(self.settings.dicom, self.intake)
+            self.scp.start()
+
+    def _make_worker(self):
+        from mriqa_node.ml.scorer import Scorer
+        from mriqa_node.worker import Worker
+
+        scorer = Scorer(resolve_model(self.settings))
+        scorer.warm_up()
+        w = self.settings.worker
+        return Worker(
+            self.queue,
+            self.series,
+            self.spool,
+            scorer,
+            w.max_batch,
+            w.max_wait_ms,
+            w.poll_seconds,
+            wake=self.work_available,
+        )
+
+    def _monitor(self) -> None:
+        while not self.stopping.wait(MONITOR_INTERVAL):
+            try:
+                self.series.tick()
+            except Exception:  # database away: keep trying, state is in the database
+                log.exception("series monitor error")
+                self.stopping.wait(1.0)
+
+    def _spawn(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.work_available.set()
+        if self.scp is not None:
+            self.scp.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.engine.dispose()
+
+    def run_until_signalled(self) -> None:
+        """Block until SIGINT/SIGTERM, then stop cleanly."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        log.info("stopping")
+        self.stop()

@@ -1,0 +1,194 @@
+"""Intake: keep a received instance (spool file, then database row) and track its series.
+
+The DICOM adapter calls :meth:`Intake.store`; a return means the instance is durable and the
+scanner may be told Success. Any exception means it is not, and the scanner must retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from mriqa_node.db.models import Event, Instance, Series, SeriesState, Study
+from mriqa_node.domain.records import InstanceHeader
+from mriqa_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class StoreOutcome(StrEnum):
+    stored = "stored"
+    duplicate = "duplicate"  # same SOP Instance UID already kept: idempotent success
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def _insert_ignore(session: Session, model: type, **values: object) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING, so concurrent receivers never collide."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
+
+
+class Intake:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        on_work: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self.on_work = on_work  # wakes an in-process worker
+
+    def store(
+        self, header: InstanceHeader, encoded: bytes, calling_aet: str | None
+    ) -> StoreOutcome:
+        """Write the file durably, then commit its row. Raises if either cannot be done."""
+        relpath = self.spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
+        if self._known(header.sop_instance_uid):
+            log.info("duplicate instance %s: already kept", header.sop_instance_uid)
+            return StoreOutcome.duplicate
+        size = self.spool.write(relpath, encoded)
+        outcome = self.register(header, relpath, size, calling_aet)
+        self.on_work()
+        return outcome
+
+    def register(
+        self, header: InstanceHeader, relpath: str, size: int, calling_aet: str | None
+    ) -> StoreOutcome:
+        """Commit the row for a file already in the spool (also used by recovery)."""
+        now = now_utc()
+        try:
+            with self.sessions.begin() as session:
+                series_id = self._upsert_series(session, header, calling_aet, now)
+                session.add(
+                    Instance(
+                        sop_instance_uid=header.sop_instance_uid,
+                        series_id=series_id,
+                        sop_class_uid=header.sop_class_uid,
+                        transfer_syntax_uid=header.transfer_syntax_uid,
+                        instance_number=header.instance_number,
+                        frames=header.frames,
+                        spool_path=relpath,
+                        size_bytes=size,
+                        received_at=now,
+                    )
+                )
+                session.flush()
+                self._count(session, series_id, header, now)
+        except IntegrityError:  # a concurrent association stored the same SOP instance
+            return StoreOutcome.duplicate
+        return StoreOutcome.stored
+
+    def _known(self, sop_instance_uid: str) -> bool:
+        with self.sessions() as session:
+            found = session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+            return found is not None
+
+    def _upsert_series(
+        self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
+    ) -> int:
+        _insert_ignore(
+            session,
+            Study,
+            study_uid=h.study_uid,
+            patient_id=h.patient_id,
+            patient_name=h.patient_name,
+            accession_number=h.accession_number,
+            study_date=h.study_date,
+            study_description=h.study_description,
+            created_at=now,
+        )
+        study_id = session.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
+        _insert_ignore(
+            session,
+            Series,
+            series_uid=h.series_uid,
+            study_id=study_id,
+            calling_aet=calling_aet,
+            modality=h.modality,
+            series_number=h.series_number,
+            series_description=h.series_description,
+            protocol_name=h.protocol_name,
+            expected_slices=h.expected_slices,
+            received_instances=0,
+            received_slices=0,
+            state=SeriesState.receiving,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        return session.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
+
+    def _count(self, session: Session, series_id: int, h: InstanceHeader, now: datetime) -> None:
+        """Bump counters atomically; reopen a series that receives after it was decided."""
+        row = session.execute(
+            update(Series)
+            .where(Series.id == series_id)
+            .values(
+                received_instances=Series.received_instances + 1,
+                received_slices=Series.received_slices + h.frames,
+                last_received_at=now,
+                expected_slices=func.coalesce(Series.expected_slices, h.expected_slices),
+            )
+            .returning(Series.state, Series.expected_slices, Series.received_slices)
+        ).one()
+        state, expected, received = row
+        if expected is not None and received > expected:
+            # The header count describes something else (e.g. one volume of many): distrust it.
+            session.execute(
+                update(Series).where(Series.id == series_id).values(expected_slices=None)
+            )
+            expected = None
+        if state != SeriesState.receiving:
+            session.execute(
+                update(Series)
+                .where(Series.id == series_id)
+                .values(state=SeriesState.receiving, completed_at=None, released_at=None)
+            )
+            session.add(
+                Event(kind="series_reopened", series_uid=h.series_uid, payload={}, created_at=now)
+            )
+            log.info("series %s reopened: a new instance arrived after completion", h.series_uid)
+        if expected is not None and received == expected:
+            mark_complete(session, series_id, h.series_uid, now, "announced count reached")
+
+    def mark_released(self, series_uids: set[str]) -> None:
+        """The association that sent these series ended: a hint that they are complete."""
+        if not series_uids:
+            return
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Series)
+                .where(Series.series_uid.in_(series_uids), Series.state == SeriesState.receiving)
+                .values(released_at=now_utc())
+            )
+
+
+def mark_complete(
+    session: Session, series_id: int, series_uid: str, now: datetime, why: str
+) -> bool:
+    """receiving -> complete, once (a conditional update, safe across processes)."""
+    done = session.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state == SeriesState.receiving)
+        .values(state=SeriesState.complete, completed_at=now)
+    ).rowcount
+    if done:
+        session.add(
+            Event(
+                kind="series_complete", series_uid=series_uid, payload={"why": why}, created_at=now
+            )
+        )
+        log.info("series %s complete (%s)", series_uid, why)
+    return bool(done)

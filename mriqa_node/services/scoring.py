@@ -1,0 +1,149 @@
+"""The work queue: instances without a score, claimed by workers, scores recorded.
+
+Claims use ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several workers on several hosts never
+take the same instance; SQLite has one writer and ignores the clause. A claim that is not
+finished before it expires (worker crashed) is simply claimed again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
+from mriqa_node.services.intake import now_utc
+
+
+@dataclass(frozen=True)
+class Claim:
+    instance_id: int
+    series_id: int
+    sop_instance_uid: str
+    spool_path: str
+
+
+@dataclass
+class InstanceResult:
+    """Scores for every frame of one instance, or the reason it cannot be scored."""
+
+    claim: Claim
+    probabilities: Sequence[Sequence[float]] = ()
+    positions: Sequence[float | None] = ()
+    reason: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkQueue:
+    def __init__(self, sessions: sessionmaker[Session], claim_seconds: float = 120.0) -> None:
+        self.sessions = sessions
+        self.claim_seconds = claim_seconds
+
+    def claim(self, worker_id: str, limit: int) -> list[Claim]:
+        now = now_utc()
+        claimable = or_(
+            Instance.state == InstanceState.pending,
+            (Instance.state == InstanceState.claimed) & (Instance.claim_expires_at < now),
+        )
+        with self.sessions.begin() as session:
+            ids = (
+                select(Instance.id)
+                .where(claimable)
+                .order_by(Instance.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            rows = session.execute(
+                update(Instance)
+                .where(Instance.id.in_(ids), claimable)
+                .values(
+                    state=InstanceState.claimed,
+                    claimed_by=worker_id,
+                    claim_expires_at=now + timedelta(seconds=self.claim_seconds),
+                )
+                .returning(
+                    Instance.id, Instance.series_id, Instance.sop_instance_uid, Instance.spool_path
+                )
+            ).all()
+        return sorted((Claim(*row) for row in rows), key=lambda c: c.instance_id)
+
+    def depth(self) -> int:
+        """Instances waiting for a score (for status and metrics)."""
+        from sqlalchemy import func
+
+        with self.sessions() as session:
+            return (
+                session.scalar(
+                    select(func.count(Instance.id)).where(
+                        Instance.state.in_([InstanceState.pending, InstanceState.claimed])
+                    )
+                )
+                or 0
+            )
+
+    def model_version_id(self, meta: dict[str, Any]) -> int:
+        """The row for this artifact (by weights hash), created on first use."""
+        with self.sessions.begin() as session:
+            found = session.scalar(
+                select(ModelVersion.id).where(ModelVersion.sha256 == meta["sha256"])
+            )
+            if found is not None:
+                return found
+            row = ModelVersion(
+                name=meta["name"],
+                version=meta["version"],
+                sha256=meta["sha256"],
+                task=meta["task"],
+                meta=json.loads(json.dumps(meta)),
+                first_used_at=now_utc(),
+            )
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def record(
+        self, worker_id: str, model_version_id: int, results: Sequence[InstanceResult]
+    ) -> set[int]:
+        """Store scores; returns the series touched. Results for claims we lost are dropped."""
+        now = now_utc()
+        touched: set[int] = set()
+        with self.sessions.begin() as session:
+            for result in results:
+                state = InstanceState.unscorable if result.reason else InstanceState.scored
+                mine = session.execute(
+                    update(Instance)
+                    .where(
+                        Instance.id == result.claim.instance_id,
+                        Instance.state == InstanceState.claimed,
+                        Instance.claimed_by == worker_id,
+                    )
+                    .values(
+                        state=state,
+                        scored_at=now,
+                        reason=result.reason,
+                        claimed_by=None,
+                        claim_expires_at=None,
+                    )
+                ).rowcount
+                if not mine:
+                    continue
+                touched.add(result.claim.series_id)
+                for frame, probs in enumerate(result.probabilities):
+                    position = result.positions[frame] if frame < len(result.positions) else None
+                    session.add(
+                        SliceScore(
+                            instance_id=result.claim.instance_id,
+                            frame=frame,
+                            position=position,
+                            probabilities=[round(float(p), 6) for p in probs],
+                            p_nondiagnostic=float(probs[0]),
+                            model_version_id=model_version_id,
+                        )
+                    )
+        return touched

@@ -1,0 +1,211 @@
+"""Series life cycle after intake: completion by idle time or release, then the verdict.
+
+Every transition is a conditional UPDATE on the series row, so several processes (receivers,
+workers, monitors on one PostgreSQL) can run these functions concurrently and each transition
+still happens once.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from mriqa_node.db.models import (
+    Alert,
+    Event,
+    Instance,
+    InstanceState,
+    ModelVersion,
+    Series,
+    SeriesState,
+    SeriesVerdict,
+    SliceScore,
+)
+from mriqa_node.domain.completion import CompletionRule
+from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, Verdict, decide
+from mriqa_node.services.intake import mark_complete, now_utc
+
+log = logging.getLogger(__name__)
+
+
+class SeriesService:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        rule: CompletionRule,
+        policy_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.rule = rule
+        self.policy_overrides = policy_overrides or {}
+
+    def tick(self, now: datetime | None = None) -> list[str]:
+        """Complete the series that went quiet and decide every complete one that is ready.
+
+        Returns the series UIDs decided in this tick.
+        """
+        now = now or now_utc()
+        quiet_since = now - timedelta(
+            seconds=min(self.rule.idle_seconds, self.rule.release_grace_seconds)
+        )
+        with self.sessions.begin() as session:
+            due = session.execute(
+                select(
+                    Series.id,
+                    Series.series_uid,
+                    Series.expected_slices,
+                    Series.received_slices,
+                    Series.last_received_at,
+                    Series.released_at,
+                ).where(
+                    Series.state == SeriesState.receiving, Series.last_received_at <= quiet_since
+                )
+            ).all()
+            for sid, uid, expected, received, last, released in due:
+                if self.rule.is_complete(expected, received, last, released, now):
+                    quiet = (now - last).total_seconds()
+                    why = f"quiet {quiet:.1f} s" + (" after release" if released else "")
+                    mark_complete(session, sid, uid, now, why)
+        with self.sessions() as session:
+            ready = session.scalars(
+                select(Series.id).where(Series.state == SeriesState.complete)
+            ).all()
+        return [uid for sid in ready if (uid := self.try_decide(sid))]
+
+    def try_decide(self, series_id: int) -> str | None:
+        """Decide a complete series whose instances are all scored; returns its UID if decided."""
+        with self.sessions.begin() as session:
+            series = session.scalar(
+                select(Series)
+                .where(Series.id == series_id, Series.state == SeriesState.complete)
+                .with_for_update()
+            )
+            if series is None:
+                return None
+            unfinished = session.scalar(
+                select(func.count(Instance.id)).where(
+                    Instance.series_id == series_id,
+                    Instance.state.in_([InstanceState.pending, InstanceState.claimed]),
+                )
+            )
+            if unfinished:
+                return None
+            self._record_verdict(session, series)
+            return series.series_uid
+
+    def _record_verdict(self, session: Session, series: Series) -> None:
+        now = now_utc()
+        rows = session.execute(
+            select(SliceScore, Instance.sop_instance_uid, Instance.instance_number)
+            .join(Instance, SliceScore.instance_id == Instance.id)
+            .where(Instance.series_id == series.id)
+            .order_by(SliceScore.id)
+        ).all()
+        n_unscorable = session.scalar(
+            select(func.count(Instance.id)).where(
+                Instance.series_id == series.id, Instance.state == InstanceState.unscorable
+            )
+        )
+        model = None
+        if rows:  # the newest model that scored this series decides it
+            model = session.get(ModelVersion, max(r[0].model_version_id for r in rows))
+        latest: dict[tuple[int, int], SliceResult] = {}
+        for score, sop_uid, number in rows:
+            if model is not None and score.model_version_id == model.id:
+                latest[(score.instance_id, score.frame)] = SliceResult(
+                    sop_uid, score.frame, score.probabilities, score.position, number
+                )
+        policy = SeriesPolicy.from_dict(model.meta.get("policy") if model else None)
+        policy = policy.overridden(**self.policy_overrides)
+        classes = model.meta["class_names"] if model else ["non_diagnostic"]
+        verdict = decide(list(latest.values()), policy, classes)
+
+        row = SeriesVerdict(
+            series_id=series.id,
+            model_version_id=model.id if model else None,
+            label=verdict.label,
+            score=verdict.score,
+            worst_slices=verdict.worst_slices,
+            n_slices=verdict.n_slices,
+            n_unscorable=n_unscorable or 0,
+            policy=policy.as_dict(),
+            decided_at=now,
+        )
+        session.add(row)
+        session.execute(
+            update(Series)
+            .where(Series.id == series.id)
+            .values(state=SeriesState.decided, decided_at=now)
+        )
+        session.flush()
+        payload = verdict_payload(series, verdict, row)
+        session.add(
+            Event(kind="verdict", series_uid=series.series_uid, payload=payload, created_at=now)
+        )
+        latency = (now - series.last_received_at).total_seconds()
+        log.info(
+            "verdict series %s (%s): %s score=%s slices=%d unscorable=%d, %.2f s after the last",
+            series.series_uid,
+            series.series_description or "-",
+            verdict.label,
+            verdict.score,
+            verdict.n_slices,
+            row.n_unscorable,
+            latency,
+        )
+        if verdict.non_diagnostic:
+            self._raise_alert(session, series, row, payload, now)
+
+    def _raise_alert(
+        self, session: Session, series: Series, verdict: SeriesVerdict, payload: dict, now: datetime
+    ) -> None:
+        open_alert = session.scalar(
+            select(Alert.id).where(Alert.series_id == series.id, Alert.state == "open")
+        )
+        if open_alert is None:
+            alert = Alert(
+                series_id=series.id, verdict_id=verdict.id, kind="non_diagnostic", created_at=now
+            )
+            session.add(alert)
+        else:
+            alert = session.get(Alert, open_alert)
+            alert.verdict_id = verdict.id
+        session.flush()
+        session.add(
+            Event(
+                kind="alert",
+                series_uid=series.series_uid,
+                payload={**payload, "alert_id": alert.id},
+                created_at=now,
+            )
+        )
+        worst = ", ".join(
+            f"#{w['slice_index'] + 1} (p={w['p_nondiagnostic']:.2f})" for w in verdict.worst_slices
+        )
+        log.warning(
+            "RESCAN ALERT: series %s '%s' from %s is NON-DIAGNOSTIC (score %.2f); worst slices %s",
+            series.series_uid,
+            series.series_description or "-",
+            series.calling_aet or "-",
+            verdict.score or 0.0,
+            worst,
+        )
+
+
+def verdict_payload(series: Series, verdict: Verdict, row: SeriesVerdict) -> dict[str, Any]:
+    """What consumers (console, notifiers) get for a verdict; no patient data."""
+    return {
+        "series_uid": series.series_uid,
+        "series_description": series.series_description,
+        "calling_aet": series.calling_aet,
+        "label": verdict.label,
+        "score": verdict.score,
+        "worst_slices": verdict.worst_slices,
+        "n_slices": verdict.n_slices,
+        "n_unscorable": row.n_unscorable,
+        "verdict_id": row.id,
+    }

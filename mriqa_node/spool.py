@@ -1,0 +1,90 @@
+"""Durable file store for received instances: write temp, fsync, rename, fsync the directory.
+
+Files are kept exactly as they arrived (the encoded dataset with its file meta), so nothing is
+decoded and re-encoded on the receive path. Layout: ``<study uid>/<series uid>/<sop uid>.dcm``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+SUFFIX = ".dcm"
+TMP_SUFFIX = ".part"
+
+
+class SpoolError(OSError):
+    """The instance could not be kept (disk full, read-only, ...)."""
+
+
+class Spool:
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """Where an instance lives; UIDs are validated so they cannot escape the spool."""
+        for uid in (study_uid, series_uid, sop_uid):
+            if not _UID_RE.match(uid):
+                raise ValueError(f"not a valid DICOM UID: {uid!r}")
+        return f"{study_uid}/{series_uid}/{sop_uid}{SUFFIX}"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def write(self, relpath: str, data: bytes | memoryview) -> int:
+        """Atomically write and (by default) fsync; returns the byte count."""
+        final = self.root / relpath
+        directory = final.parent
+        tmp = directory / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+        try:
+            if directory not in self._known_dirs:
+                directory.mkdir(parents=True, exist_ok=True)
+                if self.fsync:  # make the new directory entries themselves durable
+                    for d in (directory, directory.parent, directory.parent.parent):
+                        _fsync_dir(d)
+                self._known_dirs.add(directory)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(directory)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SpoolError(exc.errno, f"cannot keep {relpath}: {exc.strerror or exc}") from exc
+        return len(data)
+
+    def read(self, relpath: str) -> bytes:
+        return (self.root / relpath).read_bytes()
+
+    def exists(self, relpath: str) -> bool:
+        return (self.root / relpath).is_file()
+
+    def files(self) -> Iterator[str]:
+        """Every kept instance (relative paths); leftover temp files are removed."""
+        for path in self.root.rglob("*"):
+            if path.name.endswith(TMP_SUFFIX):
+                path.unlink(missing_ok=True)
+            elif path.is_file() and path.suffix == SUFFIX:
+                yield path.relative_to(self.root).as_posix()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,136 @@
+"""The scoring worker: claim instances, preprocess, run the model, record, decide.
+
+Decoding and preprocessing of the next batch run in a helper thread while the model scores the
+current one, so the model (the expensive part) is kept busy. Batches are dynamic: whatever is
+waiting, up to ``max_batch`` slices, after at most ``max_wait_ms`` for a batch to fill.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from mriqa_node.ml.scorer import Scorer
+from mriqa_node.preprocess import Unscorable, preprocess, slice_positions
+from mriqa_node.services.scoring import Claim, InstanceResult, WorkQueue
+from mriqa_node.services.series import SeriesService
+from mriqa_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    claim: Claim
+    frames: np.ndarray | None  # [n, size, size, 1]
+    positions: list[float | None]
+    reason: str | None = None
+
+
+def prepare(spool: Spool, claim: Claim, size: int) -> Prepared:
+    """Read and preprocess one instance; every failure becomes a stored reason."""
+    try:
+        ds = pydicom.dcmread(BytesIO(spool.read(claim.spool_path)))
+        frames = preprocess(ds, size)
+        return Prepared(claim, frames, slice_positions(ds))
+    except Unscorable as exc:
+        return Prepared(claim, None, [], str(exc))
+    except FileNotFoundError:
+        return Prepared(claim, None, [], "file missing from the spool")
+    except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        return Prepared(claim, None, [], f"cannot read dataset: {type(exc).__name__}: {exc}")
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: WorkQueue,
+        series: SeriesService,
+        spool: Spool,
+        scorer: Scorer,
+        max_batch: int = 16,
+        max_wait_ms: float = 20.0,
+        poll_seconds: float = 0.2,
+        wake: threading.Event | None = None,
+    ) -> None:
+        self.queue = queue
+        self.series = series
+        self.spool = spool
+        self.scorer = scorer
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.poll_seconds = poll_seconds
+        self.wake = wake or threading.Event()
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.model_version_id = queue.model_version_id(scorer.meta.to_json())
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
+        self.scored_slices = 0
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("worker %s started", self.worker_id)
+        while not stop.is_set():
+            try:
+                if not self.drain(stop):
+                    self.wake.wait(self.poll_seconds)
+                    self.wake.clear()
+            except Exception:  # a database hiccup must not kill the worker; claims expire
+                log.exception("worker loop error; retrying in 1 s")
+                stop.wait(1.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """Score until the queue is empty; returns the number of instances handled."""
+        handled = 0
+        pending = self._claim_batch()
+        future = self._submit(pending)
+        while future is not None and not (stop and stop.is_set()):
+            prepared = future.result()
+            nxt = self._claim_batch(wait=False)
+            future = self._submit(nxt)
+            self._score_and_record(prepared)
+            handled += len(prepared)
+        return handled
+
+    def _claim_batch(self, wait: bool = True) -> list[Claim]:
+        claims = self.queue.claim(self.worker_id, self.max_batch)
+        if claims and wait and len(claims) < self.max_batch and self.max_wait > 0:
+            time.sleep(self.max_wait)  # let a streaming series fill the batch
+            claims += self.queue.claim(self.worker_id, self.max_batch - len(claims))
+        return claims
+
+    def _submit(self, claims: list[Claim]) -> Future[list[Prepared]] | None:
+        if not claims:
+            return None
+        size = self.scorer.meta.input_size
+        return self._pool.submit(lambda: [prepare(self.spool, c, size) for c in claims])
+
+    def _score_and_record(self, prepared: list[Prepared]) -> None:
+        scorable = [p for p in prepared if p.frames is not None]
+        probs: list[np.ndarray] = []
+        if scorable:
+            stack = np.concatenate([p.frames for p in scorable])
+            for start in range(0, len(stack), self.max_batch):
+                probs.append(self.scorer.predict(stack[start : start + self.max_batch]))
+        all_probs = np.concatenate(probs) if probs else np.zeros((0, 0))
+        results, offset = [], 0
+        for p in prepared:
+            if p.frames is None:
+                log.info("instance %s unscorable: %s", p.claim.sop_instance_uid, p.reason)
+                results.append(InstanceResult(p.claim, reason=p.reason))
+                continue
+            n = len(p.frames)
+            results.append(InstanceResult(p.claim, all_probs[offset : offset + n], p.positions))
+            offset += n
+        self.scored_slices += offset
+        for series_id in self.queue.record(self.worker_id, self.model_version_id, results):
+            self.series.try_decide(series_id)
