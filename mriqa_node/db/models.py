@@ -101,7 +101,7 @@ class Series(Base):
     series_number: Mapped[int | None]
     series_description: Mapped[str | None] = mapped_column(String(200))
     protocol_name: Mapped[str | None] = mapped_column(String(200))
-    # Slices (frames) the headers announce for the series; None when nothing says.
+    # Slices (frames) the headers announce for the series; None: nothing says; 0: proved wrong.
     expected_slices: Mapped[int | None]
     received_instances: Mapped[int] = mapped_column(default=0)
     received_slices: Mapped[int] = mapped_column(default=0)

@@ -14,10 +14,14 @@ from pynetdicom.presentation import build_context
 log = logging.getLogger(__name__)
 
 
+NOT_ACCEPTED = -2  # no presentation context accepted for the SOP class / transfer syntax
+
+
 @dataclass
 class SendReport:
     sent: int = 0
-    failed: dict[str, int] = field(default_factory=dict)  # path -> status (or -1: not sent)
+    # name -> DIMSE status, -1 (no association or no response) or NOT_ACCEPTED
+    failed: dict[str, int] = field(default_factory=dict)
 
 
 def dicom_files(paths: Iterable[Path]) -> list[Path]:
@@ -52,7 +56,12 @@ def send_datasets(
         return report
     try:
         for name, ds in zip(names, datasets, strict=True):
-            status = assoc.send_c_store(ds)
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError as exc:  # the receiver accepted no context for this SOP class
+                log.warning("%s: not sent: %s", name, exc)
+                report.failed[name] = NOT_ACCEPTED
+                continue
             code = int(status.Status) if status else -1
             if code == 0:
                 report.sent += 1

@@ -12,7 +12,8 @@ class CompletionRule:
     release_grace_seconds: float
 
     def count_reached(self, expected: int | None, received: int) -> bool:
-        return expected is not None and received >= expected
+        """0 or None: no usable announced count (0 marks a count found to be wrong)."""
+        return bool(expected) and received >= expected
 
     def deadline(self, last_received: datetime, released_at: datetime | None) -> datetime:
         """Quiet for idle_seconds, or for the (shorter) grace once the sender has released."""

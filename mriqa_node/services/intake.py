@@ -6,17 +6,18 @@ scanner may be told Success. Any exception means it is not, and the scanner must
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mriqa_node.db.models import Event, Instance, Series, SeriesState, Study
+from mriqa_node.db.models import Event, Instance, InstanceState, Series, SeriesState, Study
 from mriqa_node.domain.records import InstanceHeader
 from mriqa_node.spool import Spool
 
@@ -32,10 +33,27 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+def _dialect(session: Session) -> Any:
+    """The dialect module whose insert() has ON CONFLICT (both engines have it)."""
+    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+
+
 def _insert_ignore(session: Session, model: type, **values: object) -> None:
     """INSERT ... ON CONFLICT DO NOTHING, so concurrent receivers never collide."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
+    session.execute(_dialect(session).insert(model).values(**values).on_conflict_do_nothing())
+
+
+_COUNT = (
+    update(Series)
+    .where(Series.id == bindparam("series_id"))
+    .values(
+        received_instances=Series.received_instances + 1,
+        received_slices=Series.received_slices + bindparam("frames"),
+        last_received_at=bindparam("now"),
+        expected_slices=func.coalesce(Series.expected_slices, bindparam("expected")),
+    )
+    .returning(Series.state, Series.expected_slices, Series.received_slices)
+)
 
 
 class Intake:
@@ -48,53 +66,77 @@ class Intake:
         self.sessions = sessions
         self.spool = spool
         self.on_work = on_work  # wakes an in-process worker
+        self._series_ids: dict[str, int] = {}
 
     def store(
         self, header: InstanceHeader, encoded: bytes, calling_aet: str | None
     ) -> StoreOutcome:
-        """Write the file durably, then commit its row. Raises if either cannot be done."""
+        """Write the file durably, then commit its row. Raises if either cannot be done.
+
+        The row insert decides duplicates (ON CONFLICT DO NOTHING), so one transaction does
+        everything and a file already kept is never overwritten.
+        """
         relpath = self.spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
-        if self._known(header.sop_instance_uid):
+        staged = self.spool.stage(relpath, encoded)
+        try:
+            outcome = self.register(header, relpath, len(encoded), calling_aet, staged.commit)
+        finally:
+            staged.discard()  # no-op once committed
+        if outcome is StoreOutcome.duplicate:
             log.info("duplicate instance %s: already kept", header.sop_instance_uid)
-            return StoreOutcome.duplicate
-        size = self.spool.write(relpath, encoded)
-        outcome = self.register(header, relpath, size, calling_aet)
-        self.on_work()
+        else:
+            self.on_work()
         return outcome
 
     def register(
-        self, header: InstanceHeader, relpath: str, size: int, calling_aet: str | None
+        self,
+        header: InstanceHeader,
+        relpath: str,
+        size: int,
+        calling_aet: str | None,
+        before_commit: Callable[[], None] = lambda: None,
     ) -> StoreOutcome:
-        """Commit the row for a file already in the spool (also used by recovery)."""
+        """Commit the row for an instance; ``before_commit`` puts its file in place."""
         now = now_utc()
-        try:
-            with self.sessions.begin() as session:
-                series_id = self._upsert_series(session, header, calling_aet, now)
-                session.add(
-                    Instance(
-                        sop_instance_uid=header.sop_instance_uid,
-                        series_id=series_id,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        instance_number=header.instance_number,
-                        frames=header.frames,
-                        spool_path=relpath,
-                        size_bytes=size,
-                        received_at=now,
-                    )
-                )
-                session.flush()
-                self._count(session, series_id, header, now)
-        except IntegrityError:  # a concurrent association stored the same SOP instance
-            return StoreOutcome.duplicate
+        with self.sessions.begin() as session:
+            series_id = self._series_id(session, header, calling_aet, now)
+            inserted = session.execute(
+                self._insert_instance(session),
+                {
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "series_id": series_id,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "frames": header.frames,
+                    "spool_path": relpath,
+                    "size_bytes": size,
+                    "received_at": now,
+                    "state": InstanceState.pending,
+                },
+            ).first()
+            if inserted is None:
+                return StoreOutcome.duplicate
+            before_commit()
+            self._count(session, series_id, header, now)
         return StoreOutcome.stored
 
-    def _known(self, sop_instance_uid: str) -> bool:
-        with self.sessions() as session:
-            found = session.scalar(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
-            return found is not None
+    @functools.cache  # noqa: B019 - one statement per dialect, built once (it is costly)
+    def _insert_instance(self, session: Session) -> Any:
+        dialect = _dialect(session)
+        return dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+
+    def _series_id(
+        self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
+    ) -> int:
+        """Series rows are never deleted, so their ids are cached once seen."""
+        series_id = self._series_ids.get(h.series_uid)
+        if series_id is None:
+            series_id = self._upsert_series(session, h, calling_aet, now)
+            if len(self._series_ids) > 10_000:
+                self._series_ids.clear()
+            self._series_ids[h.series_uid] = series_id
+        return series_id
 
     def _upsert_series(
         self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
@@ -133,23 +175,15 @@ class Intake:
     def _count(self, session: Session, series_id: int, h: InstanceHeader, now: datetime) -> None:
         """Bump counters atomically; reopen a series that receives after it was decided."""
         row = session.execute(
-            update(Series)
-            .where(Series.id == series_id)
-            .values(
-                received_instances=Series.received_instances + 1,
-                received_slices=Series.received_slices + h.frames,
-                last_received_at=now,
-                expected_slices=func.coalesce(Series.expected_slices, h.expected_slices),
-            )
-            .returning(Series.state, Series.expected_slices, Series.received_slices)
+            _COUNT,
+            {"series_id": series_id, "frames": h.frames, "now": now, "expected": h.expected_slices},
         ).one()
         state, expected, received = row
-        if expected is not None and received > expected:
-            # The header count describes something else (e.g. one volume of many): distrust it.
-            session.execute(
-                update(Series).where(Series.id == series_id).values(expected_slices=None)
-            )
-            expected = None
+        if expected and received > expected:
+            # The header count describes something else (e.g. one volume of many): distrust it
+            # for good (0 = "announced, but wrong"; the idle rule decides from now on).
+            session.execute(update(Series).where(Series.id == series_id).values(expected_slices=0))
+            expected = 0
         if state != SeriesState.receiving:
             session.execute(
                 update(Series)
@@ -160,7 +194,7 @@ class Intake:
                 Event(kind="series_reopened", series_uid=h.series_uid, payload={}, created_at=now)
             )
             log.info("series %s reopened: a new instance arrived after completion", h.series_uid)
-        if expected is not None and received == expected:
+        if expected and received == expected:
             mark_complete(session, series_id, h.series_uid, now, "announced count reached")
 
     def mark_released(self, series_uids: set[str]) -> None:
