@@ -72,7 +72,8 @@ class WorkerConfig(_Section):
     max_batch: int = Field(16, ge=1)
     max_wait_ms: float = Field(20.0, ge=0)
     poll_seconds: float = Field(0.2, gt=0)
-    claim_seconds: float = Field(120.0, gt=0)  # an unfinished claim expires after this
+    # A claim not finished in this time (its worker died on another host) is taken again.
+    claim_seconds: float = Field(30.0, gt=0)
 
 
 class VerdictConfig(_Section):

@@ -29,6 +29,18 @@ from mriqa_node.spool import Spool
 log = logging.getLogger(__name__)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class Prepared:
     claim: Claim
@@ -72,6 +84,9 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.wake = wake or threading.Event()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        released = queue.release_dead_claims(socket.gethostname(), _pid_alive)
+        if released:
+            log.info("took back %d claim(s) of a worker that died on this host", released)
         self.model_version_id = queue.model_version_id(scorer.meta.to_json())
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
         self.scored_slices = 0

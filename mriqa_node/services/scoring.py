@@ -8,7 +8,7 @@ finished before it expires (worker crashed) is simply claimed again.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -40,7 +40,7 @@ class InstanceResult:
 
 
 class WorkQueue:
-    def __init__(self, sessions: sessionmaker[Session], claim_seconds: float = 120.0) -> None:
+    def __init__(self, sessions: sessionmaker[Session], claim_seconds: float = 30.0) -> None:
         self.sessions = sessions
         self.claim_seconds = claim_seconds
 
@@ -72,6 +72,27 @@ class WorkQueue:
                 )
             ).all()
         return sorted((Claim(*row) for row in rows), key=lambda c: c.instance_id)
+
+    def release_dead_claims(self, hostname: str, alive: Callable[[int], bool]) -> int:
+        """Give back at once the claims of workers on this host whose process is gone (killed),
+        instead of waiting for the claims to expire."""
+        with self.sessions.begin() as session:
+            holders = session.scalars(
+                select(Instance.claimed_by)
+                .where(
+                    Instance.state == InstanceState.claimed,
+                    Instance.claimed_by.like(f"{hostname}:%"),
+                )
+                .distinct()
+            ).all()
+            dead = [h for h in holders if not alive(int(h.split(":")[1]))]
+            if not dead:
+                return 0
+            return session.execute(
+                update(Instance)
+                .where(Instance.state == InstanceState.claimed, Instance.claimed_by.in_(dead))
+                .values(state=InstanceState.pending, claimed_by=None, claim_expires_at=None)
+            ).rowcount
 
     def depth(self) -> int:
         """Instances waiting for a score (for status and metrics)."""

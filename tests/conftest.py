@@ -1,0 +1,173 @@
+"""Shared fixtures: both database engines, a tiny model artifact, real node processes, DCMTK."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_INTAKE = REPO.parent / "shared" / "data" / "intake"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+TINY_WIDTHS = (4, 8, 8, 16)  # same architecture as the paper's ConvNet, a fraction of the cost
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_available() -> bool:
+    try:
+        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
+        return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each engine."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mriqa.db'}"
+        return
+    if not _postgres_available():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    name = f"mriqa_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialised (untrained) ConvNet artifact at the node's 512x512 input."""
+    from mriqa_node.ml.artifact import untrained_convnet_artifact
+
+    directory = tmp_path_factory.mktemp("model") / "convnet-tiny"
+    untrained_convnet_artifact(directory, widths=TINY_WIDTHS)
+    return directory
+
+
+def write_config(path: Path, port: int, db_url: str, model: Path, **sections: dict) -> Path:
+    """A node config file; ``sections`` override keys, e.g. series={"idle_seconds": 1}."""
+    base = {
+        "dicom": {"port": port, "allowed_calling_aets": ["SCANNER1", "STORESCU"]},
+        "storage": {"spool_dir": str(path.parent / "spool"), "database_url": db_url},
+        "series": {"idle_seconds": 2.0, "release_grace_seconds": 1.0},
+        "model": {"path": str(model)},
+        "worker": {"poll_seconds": 0.1},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, list):
+                lines.append(
+                    f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]"
+                )
+            else:
+                lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class NodeProcess:
+    """`mriqa serve` as a real child process, stopped by its own PID."""
+
+    def __init__(self, config: Path, port: int, log_path: Path) -> None:
+        self.config, self.port, self.log_path = config, port, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        env = {**os.environ, "MRIQA_CONFIG": str(self.config), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mriqa_node.cli", "serve"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.config.parent,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited early:\n{self.log()}")
+            if "DICOM SCP" in self.log():
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return self
+            time.sleep(0.1)
+        raise TimeoutError(f"node did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, model_dir: Path) -> Iterator:
+    """Start real nodes: ``node_factory(db_url, **sections)``; all are stopped at teardown."""
+    started: list[NodeProcess] = []
+
+    def start(db_url: str, **sections: dict) -> NodeProcess:
+        port = free_port()
+        config = write_config(tmp_path / "node.toml", port, db_url, model_dir, **sections)
+        node = NodeProcess(config, port, tmp_path / "node.log").start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def dcmtk(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"DCMTK {tool} not installed (Debian package dcmtk)")
+    return path
+
+
+def storescu(port: int, files: list[Path], aet: str = "STORESCU", *extra: str,
+             check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+    """DCMTK's storescu as the scanner (Nagle off, as DCMTK needs)."""
+    cmd = [dcmtk("storescu"), "-v", "-aet", aet, "-aec", "MRIQA", *extra,
+           "127.0.0.1", str(port), *map(str, files)]  # fmt: skip
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
