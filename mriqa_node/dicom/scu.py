@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ def send_datasets(
     called_aet: str = "MRIQA",
     calling_aet: str = "SCANNER1",
     names: list[str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
     """One association for all datasets, with a context per (SOP class, transfer syntax)."""
     ae = AE(ae_title=calling_aet)
@@ -49,7 +51,8 @@ def send_datasets(
     ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(pairs)][:128]
     report = SendReport()
     names = names or [str(ds.SOPInstanceUID) for ds in datasets]
-    assoc = ae.associate(host, port, ae_title=called_aet)
+    tls_args = (tls, host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
     if not assoc.is_established:
         report.failed = dict.fromkeys(names, -1)
         log.error("association to %s@%s:%d refused or failed", called_aet, host, port)
