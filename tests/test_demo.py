@@ -1,0 +1,31 @@
+"""The README's run command: `mriqa demo` with embedded defaults shows verdicts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_with_defaults_and_prints_verdicts(tmp_path: Path) -> None:
+    env = {**os.environ, "MRIQA_DICOM__PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MRIQA_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "mriqa_node.cli", "demo", "--series", "2", "--slices", "6",
+         "--exit"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    decided = [line for line in result.stdout.splitlines() if " decided " in line]
+    assert len(decided) == 2, result.stdout
+    # Embedded defaults: SQLite and spool under ./var, an untrained model announced loudly.
+    assert (tmp_path / "var" / "mriqa.db").is_file()
+    assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 12
+    assert "UNTRAINED" in result.stderr
