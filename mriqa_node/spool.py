@@ -38,8 +38,8 @@ class Spool:
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def stage(self, relpath: str, data: bytes | memoryview) -> Staged:
-        """Write the data durably under a temporary name beside its final place."""
+    def write(self, relpath: str, data: bytes | memoryview) -> int:
+        """Atomically put the data at relpath: temp file, fdatasync, rename, fsync directory."""
         final = self.root / relpath
         directory = final.parent
         tmp = directory / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
@@ -54,14 +54,12 @@ class Spool:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot keep {relpath}: {exc.strerror or exc}") from exc
-        return Staged(tmp, final, self.fsync)
-
-    def write(self, relpath: str, data: bytes | memoryview) -> int:
-        """Atomically write and (by default) fsync; returns the byte count."""
-        self.stage(relpath, data).commit()
         return len(data)
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -86,28 +84,6 @@ class Spool:
                 path.unlink(missing_ok=True)
             elif path.is_file() and path.suffix == SUFFIX:
                 yield path.relative_to(self.root).as_posix()
-
-
-class Staged:
-    """A durable temporary file: commit() renames it into place, discard() removes it."""
-
-    def __init__(self, tmp: Path, final: Path, fsync: bool) -> None:
-        self.tmp, self.final, self.fsync = tmp, final, fsync
-        self.done = False
-
-    def commit(self) -> None:
-        try:
-            os.replace(self.tmp, self.final)
-            if self.fsync:
-                _fsync_dir(self.final.parent)
-        except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot keep {self.final.name}: {exc.strerror}") from exc
-        self.done = True
-
-    def discard(self) -> None:
-        if not self.done:
-            self.tmp.unlink(missing_ok=True)
-            self.done = True
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -36,12 +37,9 @@ def _postgres_available() -> bool:
         return False
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each engine."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'mriqa.db'}"
-        return
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
     if not _postgres_available():
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
     name = f"mriqa_test_{uuid.uuid4().hex[:12]}"
@@ -52,6 +50,22 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each engine."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mriqa.db'}"
+        return
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -99,12 +113,13 @@ class NodeProcess:
     def __init__(self, config: Path, port: int, log_path: Path) -> None:
         self.config, self.port, self.log_path = config, port, log_path
         self.proc: subprocess.Popen | None = None
+        self.start_args = ["serve"]
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
         env = {**os.environ, "MRIQA_CONFIG": str(self.config), "TF_CPP_MIN_LOG_LEVEL": "2"}
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mriqa_node.cli", "serve"],
+            [sys.executable, "-m", "mriqa_node.cli", *self.start_args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.config.parent,
         )  # fmt: skip
         deadline = time.monotonic() + timeout

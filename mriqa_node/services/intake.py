@@ -6,7 +6,6 @@ scanner may be told Success. Any exception means it is not, and the scanner must
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -56,6 +55,12 @@ _COUNT = (
 )
 
 
+_INSERT_INSTANCE = {  # built once: statement construction costs more than its execution
+    name: dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+
+
 class Intake:
     def __init__(
         self,
@@ -71,17 +76,16 @@ class Intake:
     def store(
         self, header: InstanceHeader, encoded: bytes, calling_aet: str | None
     ) -> StoreOutcome:
-        """Write the file durably, then commit its row. Raises if either cannot be done.
+        """Keep the file durably and commit its row; raises if either cannot be done.
 
-        The row insert decides duplicates (ON CONFLICT DO NOTHING), so one transaction does
-        everything and a file already kept is never overwritten.
+        One transaction: the row insert decides duplicates first (ON CONFLICT DO NOTHING), so a
+        duplicate costs no disk write and a file already kept is never overwritten; then the
+        file is written, synced and renamed into place; then the commit.
         """
         relpath = self.spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
-        staged = self.spool.stage(relpath, encoded)
-        try:
-            outcome = self.register(header, relpath, len(encoded), calling_aet, staged.commit)
-        finally:
-            staged.discard()  # no-op once committed
+        outcome = self.register(
+            header, relpath, len(encoded), calling_aet, lambda: self.spool.write(relpath, encoded)
+        )
         if outcome is StoreOutcome.duplicate:
             log.info("duplicate instance %s: already kept", header.sop_instance_uid)
         else:
@@ -96,12 +100,13 @@ class Intake:
         calling_aet: str | None,
         before_commit: Callable[[], None] = lambda: None,
     ) -> StoreOutcome:
-        """Commit the row for an instance; ``before_commit`` puts its file in place."""
+        """Commit the row for an instance; ``before_commit`` puts its file in place (it runs
+        only for a new instance, inside the transaction)."""
         now = now_utc()
         with self.sessions.begin() as session:
             series_id = self._series_id(session, header, calling_aet, now)
             inserted = session.execute(
-                self._insert_instance(session),
+                _INSERT_INSTANCE[session.get_bind().dialect.name],
                 {
                     "sop_instance_uid": header.sop_instance_uid,
                     "series_id": series_id,
@@ -120,11 +125,6 @@ class Intake:
             before_commit()
             self._count(session, series_id, header, now)
         return StoreOutcome.stored
-
-    @functools.cache  # noqa: B019 - one statement per dialect, built once (it is costly)
-    def _insert_instance(self, session: Session) -> Any:
-        dialect = _dialect(session)
-        return dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
 
     def _series_id(
         self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
