@@ -130,13 +130,13 @@ class Worker:
         return self._pool.submit(lambda: [prepare(self.spool, c, size) for c in claims])
 
     def _score_and_record(self, prepared: list[Prepared]) -> None:
-        scorable = [p for p in prepared if p.frames is not None]
-        probs: list[np.ndarray] = []
-        if scorable:
-            stack = np.concatenate([p.frames for p in scorable])
-            for start in range(0, len(stack), self.max_batch):
-                probs.append(self.scorer.predict(stack[start : start + self.max_batch]))
-        all_probs = np.concatenate(probs) if probs else np.zeros((0, 0))
+        # Frames as views, stacked one model batch at a time: a 200-frame enhanced object
+        # must not be copied whole.
+        frames = [f for p in prepared if p.frames is not None for f in p.frames]
+        batch = self.max_batch
+        chunks = [self.scorer.predict(np.stack(frames[i : i + batch]))
+                  for i in range(0, len(frames), batch)]  # fmt: skip
+        all_probs = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
         results, offset = [], 0
         for p in prepared:
             if p.frames is None:

@@ -24,6 +24,7 @@ def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
     ]
     if missing:
         raise InvalidInstance(f"missing {', '.join(missing)}")
+    _check_complete(ds)
     frames = _int(ds.get("NumberOfFrames")) or 1
     expected = _int(ds.get("ImagesInAcquisition"))
     if expected is None and ds.SOPClassUID == ENHANCED_MR_IMAGE_STORAGE and frames > 1:
@@ -47,6 +48,20 @@ def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
         study_date=_str(ds.get("StudyDate"), 8),
         study_description=_str(ds.get("StudyDescription"), 200),
     )
+
+
+def _check_complete(ds: Dataset) -> None:
+    """A stream that ended early: pydicom keeps the short value of the last element without a
+    word, so compare the last (still raw, unconverted) element with its declared length."""
+    tags = list(ds.keys())
+    if not tags:
+        raise InvalidInstance("empty dataset")
+    raw = ds.get_item(tags[-1])
+    length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+    if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+        raise InvalidInstance(
+            f"truncated dataset: element {raw.tag} has {len(value)} of {length} bytes"
+        )
 
 
 def _int(value: object) -> int | None:

@@ -51,17 +51,20 @@ class WorkQueue:
             (Instance.state == InstanceState.claimed) & (Instance.claim_expires_at < now),
         )
         with self.sessions.begin() as session:
-            ids = (
+            # Two statements on purpose: as a subquery of the UPDATE, PostgreSQL may re-run
+            # the locking SELECT per row and ignore its LIMIT (seen on a fresh table).
+            ids = session.scalars(
                 select(Instance.id)
                 .where(claimable)
                 .order_by(Instance.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
-                .scalar_subquery()
-            )
+            ).all()
+            if not ids:
+                return []
             rows = session.execute(
                 update(Instance)
-                .where(Instance.id.in_(ids), claimable)
+                .where(Instance.id.in_(ids))
                 .values(
                     state=InstanceState.claimed,
                     claimed_by=worker_id,
