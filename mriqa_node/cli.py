@@ -207,6 +207,44 @@ def db_upgrade(ctx: click.Context) -> None:
     click.echo(f"database at revision {migrate.current(engine)}")
 
 
+@main.group(name="model")
+def model_group() -> None:
+    """Model artifacts: install a new one (a running node picks it up), show the current one."""
+
+
+@model_group.command("install")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.pass_context
+def model_install(ctx: click.Context, path: Path) -> None:
+    """Check an artifact (hash, preprocessing version) and make it the node's model."""
+    from mriqa_node.ml.artifact import ArtifactError
+    from mriqa_node.ml.store import ModelStore
+
+    settings = _settings(ctx)
+    try:
+        target, meta = ModelStore(settings.model.dir).install(path)
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"installed {meta.name} {meta.version} ({meta.task}) at {target}")
+    if settings.model.path:
+        click.echo(f"note: [model] path = {settings.model.path} is set and takes precedence")
+    else:
+        click.echo(f"a running node switches to it within {settings.model.reload_seconds:g} s")
+
+
+@model_group.command("show")
+@click.pass_context
+def model_show(ctx: click.Context) -> None:
+    """Print the model.json of the model the node would use now."""
+    from mriqa_node.node import resolve_model
+
+    settings = _settings(ctx)
+    setup_logging("WARNING")
+    path = resolve_model(settings)
+    click.echo(f"# {path}")
+    click.echo((path / "model.json").read_text())
+
+
 @main.command()
 @click.option("--series", "n_series", default=4, show_default=True, help="Series to send.")
 @click.option("--slices", default=30, show_default=True)

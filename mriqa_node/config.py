@@ -64,7 +64,11 @@ class SeriesConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str = ""  # empty: the bundled model (or an untrained ConvNet until one is bundled)
+    # A fixed artifact directory. Empty: the model installed with `mriqa model install`, else
+    # the bundled model (or an untrained ConvNet until one is bundled).
+    path: str = ""
+    dir: Path = Path("var/models")  # where `mriqa model install` keeps artifacts
+    reload_seconds: float = Field(5.0, gt=0)  # how often a running node looks for a new model
 
 
 class WorkerConfig(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from mriqa_node.dicom.headers import InvalidInstance, parse_header
 from mriqa_node.dicom.scp import StoreSCP
 from mriqa_node.domain.completion import CompletionRule
 from mriqa_node.ml.artifact import untrained_convnet_artifact
+from mriqa_node.ml.store import ModelStore
 from mriqa_node.services.intake import Intake
 from mriqa_node.services.scoring import WorkQueue
 from mriqa_node.services.series import SeriesService
@@ -30,12 +32,16 @@ MONITOR_INTERVAL = 0.1  # seconds between completion checks
 
 
 def resolve_model(settings: Settings) -> Path:
-    """The configured artifact, else the bundled one, else a loudly announced untrained ConvNet."""
+    """The configured artifact, else the installed one, else the bundled one, else a loudly
+    announced untrained ConvNet."""
     if settings.model.path:
         return Path(settings.model.path)
+    installed = ModelStore(settings.model.dir).current()
+    if installed is not None:
+        return installed
     if (BUNDLED_MODEL / "model.json").is_file():
         return BUNDLED_MODEL
-    fallback = Path(settings.storage.spool_dir).parent / "models" / "convnet-untrained"
+    fallback = Path(settings.model.dir) / "convnet-untrained"
     if not (fallback / "model.json").is_file():
         untrained_convnet_artifact(fallback)
     log.warning("=" * 78)
@@ -101,6 +107,7 @@ class Node:
         if worker:
             self.worker = self._make_worker()
             self._spawn("worker", lambda: self.worker.run(self.stopping))
+            self._spawn("model-watcher", self._watch_model)
         if monitor:
             self._spawn("series-monitor", self._monitor)
         if receiver:
@@ -124,6 +131,29 @@ class Node:
             w.poll_seconds,
             wake=self.work_available,
         )
+
+    def _watch_model(self) -> None:
+        """Load a newly installed model beside the running one, then hand it to the worker."""
+        from mriqa_node.ml.artifact import ArtifactError, read_meta
+        from mriqa_node.ml.scorer import Scorer
+
+        refused: set[str] = set()
+        while not self.stopping.wait(self.settings.model.reload_seconds):
+            path, sha = None, ""
+            try:
+                path = resolve_model(self.settings)
+                sha = json.loads((path / "model.json").read_text()).get("sha256", "")
+                if sha == self.worker.scorer.meta.sha256 or sha in refused:
+                    continue
+                read_meta(path)  # hash and contract, before any TensorFlow work
+                scorer = Scorer(path, self.worker.scorer.device)
+                scorer.warm_up()
+                self.worker.promote(scorer)
+            except (ArtifactError, OSError, ValueError) as exc:
+                refused.add(sha)
+                log.error("new model at %s refused, keeping the current one: %s", path, exc)
+            except Exception:
+                log.exception("model watcher error")
 
     def _monitor(self) -> None:
         while not self.stopping.wait(MONITOR_INTERVAL):

@@ -89,7 +89,23 @@ class Worker:
             log.info("took back %d claim(s) of a worker that died on this host", released)
         self.model_version_id = queue.model_version_id(scorer.meta.to_json())
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="preprocess")
+        self._next_scorer: Scorer | None = None
+        self._swap_lock = threading.Lock()
         self.scored_slices = 0
+
+    def promote(self, scorer: Scorer) -> None:
+        """Use this (loaded, warmed-up) scorer from the next batch on."""
+        with self._swap_lock:
+            self._next_scorer = scorer
+
+    def _swap_if_promoted(self) -> None:
+        with self._swap_lock:
+            scorer, self._next_scorer = self._next_scorer, None
+        if scorer is not None:
+            self.model_version_id = self.queue.model_version_id(scorer.meta.to_json())
+            old, self.scorer = self.scorer, scorer
+            log.warning("model promoted: %s %s -> %s %s", old.meta.name, old.meta.version,
+                        scorer.meta.name, scorer.meta.version)  # fmt: skip
 
     def run(self, stop: threading.Event) -> None:
         log.info("worker %s started", self.worker_id)
@@ -106,6 +122,7 @@ class Worker:
     def drain(self, stop: threading.Event | None = None) -> int:
         """Score until the queue is empty; returns the number of instances handled."""
         handled = 0
+        self._swap_if_promoted()
         pending = self._claim_batch()
         future = self._submit(pending)
         while future is not None and not (stop and stop.is_set()):
