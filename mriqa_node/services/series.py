@@ -30,6 +30,7 @@ from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, Verdict, decide
 from mriqa_node.services.intake import mark_complete, now_utc
 
 log = logging.getLogger(__name__)
+UNFINISHED = (InstanceState.pending, InstanceState.claimed)
 
 
 class SeriesService:
@@ -38,8 +39,10 @@ class SeriesService:
         sessions: sessionmaker[Session],
         rule: CompletionRule,
         policy_overrides: dict[str, Any] | None = None,
+        reads: sessionmaker[Session] | None = None,
     ) -> None:
         self.sessions = sessions
+        self.reads = reads or sessions  # read-only queries (SQLite: without the write lock)
         self.rule = rule
         self.policy_overrides = policy_overrides or {}
 
@@ -52,7 +55,7 @@ class SeriesService:
         quiet_since = now - timedelta(
             seconds=min(self.rule.idle_seconds, self.rule.release_grace_seconds)
         )
-        with self.sessions.begin() as session:
+        with self.reads() as session:  # no write lock unless something is due
             due = session.execute(
                 select(
                     Series.id,
@@ -65,14 +68,21 @@ class SeriesService:
                     Series.state == SeriesState.receiving, Series.last_received_at <= quiet_since
                 )
             ).all()
-            for sid, uid, expected, received, last, released in due:
-                if self.rule.is_complete(expected, received, last, released, now):
+        complete = [row for row in due if self.rule.is_complete(*row[2:], now)]
+        if complete:
+            with self.sessions.begin() as session:
+                for sid, uid, _, _, last, released in complete:
                     quiet = (now - last).total_seconds()
                     why = f"quiet {quiet:.1f} s" + (" after release" if released else "")
                     mark_complete(session, sid, uid, now, why)
-        with self.sessions() as session:
+        unfinished = (
+            select(Instance.id)
+            .where(Instance.series_id == Series.id, Instance.state.in_(UNFINISHED))
+            .exists()
+        )
+        with self.reads() as session:  # only complete series with nothing left to score
             ready = session.scalars(
-                select(Series.id).where(Series.state == SeriesState.complete)
+                select(Series.id).where(Series.state == SeriesState.complete, ~unfinished)
             ).all()
         return [uid for sid in ready if (uid := self.try_decide(sid))]
 
@@ -88,8 +98,7 @@ class SeriesService:
                 return None
             unfinished = session.scalar(
                 select(func.count(Instance.id)).where(
-                    Instance.series_id == series_id,
-                    Instance.state.in_([InstanceState.pending, InstanceState.claimed]),
+                    Instance.series_id == series_id, Instance.state.in_(UNFINISHED)
                 )
             )
             if unfinished:
