@@ -1,0 +1,300 @@
+"""Ingest rate: instances/s received in ONE association sent by DCMTK storescu.
+
+Receivers, each started fresh (empty storage) for every repetition:
+
+  node-sqlite   `mriqa serve`, worker off, SQLite, fsync on (the default deployment)
+  node-pg       the same on a throwaway PostgreSQL database (postgresql://127.0.0.1:5432)
+  storescp      DCMTK storescp writing files to a directory (no fsync, no database)
+  orthanc       Orthanc 1.x with its own temp storage/index (SyncStorageArea default: fsync)
+  pynetdicom    bare pynetdicom AE whose store handler returns Success without keeping anything
+
+The time is storescu's wall clock (process start to exit: association, 300 C-STOREs,
+release), the same for every receiver. Run: .venv/bin/python bench/ingest.py [--help]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    BarePynetdicomServer,
+    BenchError,
+    NodeServer,
+    OrthancServer,
+    StoreSCPServer,
+    ThrowawayPostgres,
+    machine_line,
+    make_series,
+    median,
+    postgres_available,
+    storescu,
+    table,
+)
+
+TARGETS = ("node-sqlite", "node-pg", "storescp", "orthanc", "pynetdicom")
+# Diagnostic only (not run by default): the node with [storage] fsync = false.
+EXTRA_TARGETS = ("node-sqlite-nofsync",)
+REFERENCE = {"storescp": 1000.0, "orthanc": 260.0, "pynetdicom": 230.0}  # the issue's figures
+
+
+def count_node_instances(db_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.db.models import Instance
+
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return session.scalar(select(func.count(Instance.id))) or 0
+    finally:
+        engine.dispose()
+
+
+def one_run(target: str, files: list[Path], workdir: Path) -> float:
+    """Start a fresh receiver, send every file in one association, check, stop; seconds."""
+    if target in ("node-sqlite", "node-sqlite-nofsync"):
+        db_url = f"sqlite:///{workdir / 'mriqa.db'}"
+        storage = {"fsync": target == "node-sqlite"}
+        with NodeServer(workdir, db_url, worker={"enabled": False}, storage=storage) as node:
+            node.start()
+            elapsed = storescu(node.port, "MRIQA", files)
+            kept = count_node_instances(db_url)
+    elif target == "node-pg":
+        with (
+            ThrowawayPostgres() as pg,
+            NodeServer(workdir, pg.url, worker={"enabled": False}) as node,
+        ):
+            node.start()
+            elapsed = storescu(node.port, "MRIQA", files)
+            kept = count_node_instances(pg.url)
+    elif target == "storescp":
+        with StoreSCPServer(workdir) as scp:
+            scp.start()
+            elapsed = storescu(scp.port, scp.aet, files)
+            kept = sum(1 for p in (workdir / "out").iterdir() if p.is_file())
+    elif target == "orthanc":
+        with OrthancServer(workdir) as orthanc:
+            orthanc.start()
+            elapsed = storescu(orthanc.port, orthanc.aet, files)
+            kept = orthanc.instance_count()
+    elif target == "pynetdicom":
+        with BarePynetdicomServer(workdir) as bare:
+            bare.start()
+            elapsed = storescu(bare.port, bare.aet, files)
+            kept = len(files)  # keeps nothing by design
+    else:
+        raise ValueError(target)
+    if kept != len(files):
+        raise BenchError(f"{target}: {kept} of {len(files)} instances kept")
+    return elapsed
+
+
+def breakdown(root: Path, n_instances: int = 60) -> None:
+    """In-process cost per instance of each step of the node's C-STORE handler (no network).
+
+    Mirrors StoreSCP.handle_store: decode the received data set (event.dataset), parse_header,
+    prefix the file meta (event.encoded_dataset), Intake.store (spool file + row + commit).
+    """
+    import io
+
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    from mriqa_node.config import load_config
+    from mriqa_node.dicom.headers import parse_header
+    from mriqa_node.node import Node
+    from mriqa_node.phantom import synth_series
+
+    datasets = []
+    while len(datasets) < n_instances + 1:
+        k = len(datasets) // 30
+        datasets += synth_series(30, seed=700 + k, series_number=k + 1)
+    datasets = datasets[: n_instances + 1]
+    received = []  # the data set bytes as they come off the wire (Explicit VR Little Endian)
+    for ds in datasets:
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        write_dataset(buf, ds)
+        received.append(buf.getvalue())
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, datasets[0].file_meta)
+    meta_bytes = meta.getvalue()
+    ts = datasets[0].file_meta.TransferSyntaxUID
+
+    rows = []
+
+    def timed(label: str, fn, items) -> list:
+        t0 = time.perf_counter()
+        out = [fn(x) for x in items]
+        rows.append([label, f"{1000 * (time.perf_counter() - t0) / len(items):.2f}"])
+        return out
+
+    decoded = timed(
+        "decode data set (event.dataset)",
+        lambda b: pydicom.dcmread(io.BytesIO(b), force=True),
+        received,
+    )
+    headers = timed("parse_header", lambda d: parse_header(d, ts), decoded)
+    encoded = timed(
+        "prefix file meta (event.encoded_dataset)",
+        lambda b: b"".join((b"\x00" * 128, b"DICM", meta_bytes, b)),
+        received,
+    )
+    for fsync in (True, False):
+        for engine in ("sqlite", "postgresql"):
+            if engine == "postgresql" and not postgres_available():
+                continue
+            work = root / f"breakdown-{engine}-{fsync}"
+            with ThrowawayPostgres() if engine == "postgresql" else _NoDb(work) as db:
+                settings = load_config(
+                    None,
+                    storage={"spool_dir": work / "spool", "database_url": db.url, "fsync": fsync},
+                )
+                node = Node(settings)
+                node.upgrade_db()
+                node.intake.store(headers[0], encoded[0], "BENCH")  # first of a series: untimed
+                os.sync()
+                timed(
+                    f"Intake.store, {engine}, fsync={'on' if fsync else 'off'}",
+                    lambda i, node=node: node.intake.store(headers[i], encoded[i], "BENCH"),
+                    range(1, len(encoded)),
+                )
+                spool_only = [(f"x/y/{i}.dcm", encoded[i]) for i in range(1, len(encoded))]
+                timed(
+                    f"  of which the spool file alone, fsync={'on' if fsync else 'off'}",
+                    lambda item, node=node: node.spool.write(*item),
+                    spool_only,
+                )
+                node.engine.dispose()
+    print(table(["step (in process, one thread)", "ms per instance"], rows))
+
+
+class _NoDb:
+    def __init__(self, work: Path) -> None:
+        self.url = f"sqlite:///{work / 'mriqa.db'}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--series", type=int, default=10, help="series to send (default 10)")
+    ap.add_argument("--slices", type=int, default=30, help="slices per series (default 30)")
+    ap.add_argument("--size", type=int, default=512, help="rows = columns (default 512)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per receiver (default 3)")
+    ap.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma-separated subset of {','.join(TARGETS)}; also {','.join(EXTRA_TARGETS)}",
+    )
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="instead: cost per instance of each step of the node's store handler, in process",
+    )
+    args = ap.parse_args()
+    if args.breakdown:
+        with tempfile.TemporaryDirectory(prefix="mriqa-bench-breakdown-") as tmp:
+            print(f"# machine: {machine_line()}")
+            breakdown(Path(tmp))
+        return 0
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - set(TARGETS) - set(EXTRA_TARGETS)
+    if unknown:
+        ap.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    if "node-pg" in targets and not postgres_available():
+        print("PostgreSQL not reachable on 127.0.0.1:5432: skipping node-pg", file=sys.stderr)
+        targets.remove("node-pg")
+
+    with tempfile.TemporaryDirectory(prefix="mriqa-bench-ingest-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        series = make_series(root / "data", args.series, args.slices, size=args.size)
+        files = [f for s in series for f in s]
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
+        print(
+            f"# ingest: {len(files)} instances ({args.series} x {args.slices},"
+            f" {args.size}x{args.size} 16-bit MR, {size_mb:.0f} MB) in one association,"
+            f" storescu TCP_NODELAY=1; data made in {time.perf_counter() - t0:.1f} s"
+        )
+        print(f"# machine: {machine_line()}")
+
+        times: dict[str, list[float]] = {t: [] for t in targets}
+        for rep in range(args.repeat):
+            for target in targets:  # interleaved, so drift hits every receiver alike
+                workdir = root / f"{target}-{rep}"
+                # Flush the previous run's dirty pages: its writeback would slow this run's fsyncs.
+                os.sync()
+                elapsed = one_run(target, files, workdir)
+                shutil.rmtree(workdir, ignore_errors=True)
+                times[target].append(elapsed)
+                print(
+                    f"  run {rep + 1}/{args.repeat} {target:<20} {elapsed:6.2f} s"
+                    f"  {len(files) / elapsed:7.1f} inst/s",
+                    flush=True,
+                )
+
+    rates = {t: len(files) / median(v) for t, v in times.items()}
+    orthanc = rates.get("orthanc")
+    rows = []
+    for target in targets:
+        rate = rates[target]
+        runs = " ".join(f"{len(files) / v:.0f}" for v in times[target])
+        ratio = f"{rate / orthanc:.2f}x" if orthanc else "-"
+        ref = REFERENCE.get(target)
+        rows.append(
+            [target, f"{rate:.0f}", runs, ratio, f"~{ref:.0f}" if ref else "-", _note(target)]
+        )
+    print()
+    print(
+        table(
+            [
+                "receiver",
+                "median inst/s",
+                "runs (inst/s)",
+                "vs Orthanc",
+                "issue ref inst/s",
+                "keeps",
+            ],
+            rows,
+        )
+    )
+    if orthanc:
+        for target in ("node-sqlite", "node-pg"):
+            if target in rates:
+                ok = rates[target] >= 1.2 * orthanc
+                print(
+                    f"# target {target} >= 1.2x Orthanc: {rates[target] / orthanc:.2f}x"
+                    f" ({'met' if ok else 'NOT met'})"
+                )
+    return 0
+
+
+def _note(target: str) -> str:
+    return {
+        "node-sqlite": "spool file + SQLite row, fsync",
+        "node-sqlite-nofsync": "spool file (no fsync) + SQLite row (synchronous=FULL)",
+        "node-pg": "spool file + PostgreSQL row, fsync",
+        "storescp": "file, no fsync",
+        "orthanc": "file (fsync) + SQLite index",
+        "pynetdicom": "nothing",
+    }[target]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
