@@ -21,9 +21,9 @@ import pytest
 from pydicom.uid import MRImageStorage
 
 from mriqa_node.preprocess import preprocess
+from training.evaluate import cohen_kappa, jaccard_matrix
 from training.synth import MANIFEST_COLUMNS, SynthConfig, apply_motion, generate, rate
 from training.synth.anatomy import draw_subject, render_series
-from training.synth.raters import cohen_kappa, jaccard_matrix
 
 TINY = SynthConfig(subjects=3, slices_per_subject=(3, 4), size=64, seed=11, workers=1)
 

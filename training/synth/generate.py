@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from training.evaluate import cohen_kappa, jaccard_matrix
+
 from .anatomy import coil_field, draw_subject, render_series
 from .dicom import MAX_VALUE, SeriesInfo, uids, write_series
 from .motion import (
@@ -37,7 +39,7 @@ from .motion import (
     severity_from_error,
     steady,
 )
-from .raters import TRUTH_THRESHOLDS, classify, cohen_kappa, jaccard_matrix, rate
+from .raters import TRUTH_THRESHOLDS, classify, rate
 
 __all__ = ["MANIFEST_COLUMNS", "SynthConfig", "generate"]
 
@@ -164,7 +166,7 @@ def _summary(config: SynthConfig, rows: list[dict], seconds: float, workers: int
         "kappa_rater1_rater2": round(cohen_kappa(r1, r2), 4),
         "kappa_rater1_truth": round(cohen_kappa(r1, truth), 4),
         "kappa_rater2_truth": round(cohen_kappa(r2, truth), 4),
-        "jaccard_rater1_rater2": np.round(jaccard_matrix(r1, r2), 3).tolist(),
+        "jaccard_rater1_rater2": np.round(np.nan_to_num(jaccard_matrix(r1, r2)), 3).tolist(),
         "truth_thresholds": list(TRUTH_THRESHOLDS),
         "severity_quantiles": {
             str(q): round(float(np.quantile(sev, q)), 4) for q in (0.1, 0.25, 0.5, 0.75, 0.9)

@@ -19,8 +19,6 @@ __all__ = [
     "TRUTH_THRESHOLDS",
     "Rater",
     "classify",
-    "cohen_kappa",
-    "jaccard_matrix",
     "rate",
 ]
 
@@ -60,27 +58,3 @@ def rate(severity: np.ndarray, rater: int, rng: np.random.Generator) -> np.ndarr
     s = np.asarray(severity, dtype=np.float64)
     perceived = s + r.noise * rng.standard_normal(s.shape)
     return classify(perceived, (r.excellent_below, r.nondiagnostic_from))
-
-
-def cohen_kappa(a: np.ndarray, b: np.ndarray, classes: int = 3) -> float:
-    """Unweighted Cohen's kappa between two label vectors (agreement beyond chance)."""
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    if a.size == 0:
-        return float("nan")
-    table = np.zeros((classes, classes))
-    np.add.at(table, (a, b), 1.0)
-    table /= table.sum()
-    observed = np.trace(table)
-    expected = float(table.sum(axis=1) @ table.sum(axis=0))
-    return float((observed - expected) / (1.0 - expected)) if expected < 1.0 else 1.0
-
-
-def jaccard_matrix(a: np.ndarray, b: np.ndarray, classes: int = 3) -> np.ndarray:
-    """J[i, j] = |{a == i} & {b == j}| / |{a == i} | {b == j}| (the paper's Fig. 6)."""
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    out = np.zeros((classes, classes))
-    for i in range(classes):
-        for j in range(classes):
-            union = np.count_nonzero((a == i) | (b == j))
-            out[i, j] = np.count_nonzero((a == i) & (b == j)) / union if union else 0.0
-    return out
