@@ -163,9 +163,9 @@ def _summary(config: SynthConfig, rows: list[dict], seconds: float, workers: int
             "rater_mean": counts(mean),
             "truth": counts(truth),
         },
-        "kappa_rater1_rater2": round(cohen_kappa(r1, r2), 4),
-        "kappa_rater1_truth": round(cohen_kappa(r1, truth), 4),
-        "kappa_rater2_truth": round(cohen_kappa(r2, truth), 4),
+        "kappa_rater1_rater2": _round(cohen_kappa(r1, r2)),
+        "kappa_rater1_truth": _round(cohen_kappa(r1, truth)),
+        "kappa_rater2_truth": _round(cohen_kappa(r2, truth)),
         "jaccard_rater1_rater2": np.round(np.nan_to_num(jaccard_matrix(r1, r2)), 3).tolist(),
         "truth_thresholds": list(TRUTH_THRESHOLDS),
         "severity_quantiles": {
@@ -350,3 +350,8 @@ def _subject_impl(config: SynthConfig, index: int, out_dir: Path) -> list[dict]:
         }
         for i, (path, sop) in enumerate(written)
     ]
+
+
+def _round(value: float | None) -> float | None:
+    """Kappa is undefined (None) when a rater used one class only."""
+    return None if value is None else round(value, 4)
