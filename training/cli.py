@@ -142,7 +142,7 @@ def _export(run: Path, out: Path, name: str | None, version: str, sensitivity: f
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("var/bundle"), show_default=True
 )
-@click.option("--steps", default=1500, show_default=True)
+@click.option("--steps", default=1000, show_default=True)
 @click.option("--widths", default="16,32,64,128", show_default=True)
 @click.option(
     "--install/--no-install",
