@@ -142,7 +142,7 @@ def _export(run: Path, out: Path, name: str | None, version: str, sensitivity: f
 @click.option(
     "--out", type=click.Path(path_type=Path), default=Path("var/bundle"), show_default=True
 )
-@click.option("--steps", default=1000, show_default=True)
+@click.option("--steps", default=500, show_default=True)
 @click.option("--widths", default="16,32,64,128", show_default=True)
 @click.option(
     "--install/--no-install",
@@ -151,7 +151,7 @@ def _export(run: Path, out: Path, name: str | None, version: str, sensitivity: f
     help="Write the artifact to mriqa_node/models/bundled.",
 )
 def bundle(data: Path, out: Path, steps: int, widths: str, install: bool) -> None:
-    """Train the node's bundled model on the synthetic set (about an hour on 2 CPU cores)."""
+    """Train the node's bundled model on the synthetic set (about 30 min on 2 CPU cores)."""
     manifest = _ensure_synth(data)
     run = out / "convnet-binary"
     from training.report import write_run_report
