@@ -25,7 +25,8 @@ def test_demo_runs_with_defaults_and_prints_verdicts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     decided = [line for line in result.stdout.splitlines() if " decided " in line]
     assert len(decided) == 2, result.stdout
-    # Embedded defaults: SQLite and spool under ./var, an untrained model announced loudly.
+    # Embedded defaults: SQLite and spool under ./var, the bundled (trained) model.
     assert (tmp_path / "var" / "mriqa.db").is_file()
     assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 12
-    assert "UNTRAINED" in result.stderr
+    assert "model convnet-binary-synthetic" in result.stderr
+    assert "UNTRAINED" not in result.stderr

@@ -126,9 +126,15 @@ def _export(run: Path, out: Path, name: str | None, version: str, sensitivity: f
     from training.export import export_artifact
 
     cfg = json.loads((run / "config.json").read_text())
-    metrics = evaluate_run(run)
+    test = evaluate_run(run)["splits"].get("test", {})
+    headline = ("accuracy", "balanced_accuracy", "auc", "kappa", "n")
+    against = {  # the report's view: against the training labels and, when known, the truth
+        f"vs_{ref}": {k: test[f"vs_{ref}"].get(k) for k in headline}
+        for ref in ("labels", "truth")
+        if test.get(f"vs_{ref}")
+    }
     return export_artifact(run, out, name or f"{cfg['model']}-{cfg['task']}", version,
-                           sensitivity, test_metrics=metrics.get("test"))  # fmt: skip
+                           sensitivity, test_metrics=against)  # fmt: skip
 
 
 @main.command()

@@ -157,7 +157,6 @@ def evaluate_predictions(preds: Any, split: str, policy: SeriesPolicy) -> dict[s
     out["confusion_matrix"] = cm.tolist()  # rows: true class, columns: predicted
     out["auc"] = _auc(y, probs)
     p = p_nondiagnostic(probs)
-    out["auc_nondiagnostic"] = _binary_auc(y == 0, p)
     groups = series_groups(preds[f"{split}_series_uids"])
     _, flags = series_verdicts(p, groups, policy)
     truth = series_truth(y, groups, policy.top_fraction)
@@ -174,7 +173,8 @@ def export_artifact(
     sensitivity: float = 0.90,
     test_metrics: dict[str, Any] | None = None,
 ) -> ArtifactMeta:
-    """Write the node's artifact (model.keras + model.json) for a finished run."""
+    """Write the node's artifact (model.keras + model.json) for a finished run; ``test_metrics``
+    are added to the test split's policy metrics (e.g. the report's metrics against truth)."""
     import keras
 
     run = Path(run_dir)
@@ -200,8 +200,7 @@ def export_artifact(
         default.top_fraction, default.worst_count,
     )  # fmt: skip
     policy = SeriesPolicy.from_dict(op["policy"])
-    if test_metrics is None:
-        test_metrics = evaluate_predictions(preds, "test", policy)
+    test_metrics = {**evaluate_predictions(preds, "test", policy), **(test_metrics or {})}
     last = history[-1] if history else {}
     meta = ArtifactMeta(
         name=name,
@@ -259,9 +258,10 @@ def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def _auc(y: np.ndarray, probs: np.ndarray) -> float | None:
-    """Binary: AUC of P(diagnostic); 3-class: macro one-vs-rest AUC (None if a class is absent)."""
+    """Binary: AUC of P(non-diagnostic) for class 0 (not of P(diagnostic): a confident model's
+    P(diagnostic) rounds to 1.0 in float32 and ties); 3-class: macro one-vs-rest AUC."""
     if probs.shape[1] == 2:
-        return _binary_auc(y == 1, probs[:, 1])
+        return _binary_auc(y == 0, probs[:, 0])
     if len(np.unique(y)) < probs.shape[1]:
         return None
     from sklearn.metrics import roc_auc_score

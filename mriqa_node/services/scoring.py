@@ -165,7 +165,7 @@ class WorkQueue:
                             instance_id=result.claim.instance_id,
                             frame=frame,
                             position=position,
-                            probabilities=[round(float(p), 6) for p in probs],
+                            probabilities=[float(p) for p in probs],
                             p_nondiagnostic=float(probs[0]),
                             model_version_id=model_version_id,
                         )
