@@ -59,7 +59,7 @@ def serve(ctx: click.Context, no_worker: bool) -> None:
     settings = _settings(ctx)
     setup_logging(settings.logging.level)
     node = Node(settings)
-    node.start(worker=settings.worker.enabled and not no_worker)
+    _start(node, worker=settings.worker.enabled and not no_worker)
     node.run_until_signalled()
 
 
@@ -72,8 +72,19 @@ def worker(ctx: click.Context) -> None:
     settings = _settings(ctx)
     setup_logging(settings.logging.level)
     node = Node(settings)
-    node.start(receiver=False, worker=True, monitor=True)
+    _start(node, receiver=False, worker=True, monitor=True)
     node.run_until_signalled()
+
+
+def _start(node, **parts: bool) -> None:
+    """Start, turning the errors a person can fix into one clear line."""
+    from mriqa_node.ml.artifact import ArtifactError
+
+    try:
+        node.start(**parts)
+    except (ArtifactError, OSError) as exc:
+        node.stop()
+        raise click.ClickException(f"cannot start: {exc}") from exc
 
 
 @main.command()
