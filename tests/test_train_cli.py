@@ -1,0 +1,46 @@
+"""`mriqa-train` end to end on a tiny synthetic set: synth -> train -> report -> export, and the
+exported artifact installs into the node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mriqa_node.ml.store import ModelStore
+from training.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_synth_train_report_export(tmp_path: Path) -> None:
+    data, runs = tmp_path / "synth", tmp_path / "run"
+    run("synth", "--out", str(data), "--subjects", "6", "--size", "128", "--workers", "1")
+    manifest = data / "manifest.csv"
+    assert manifest.is_file() and (data / "summary.json").is_file()
+
+    run("train", "--manifest", str(manifest), "--out", str(runs), "--steps", "4",
+        "--batch", "8", "--widths", "4,8,8,16", "--eval-every", "2",
+        "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    history = (runs / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step,") and history[-1].startswith("4,")
+
+    run("report", str(runs), "--manifest", str(manifest))
+    report = (runs / "report.md").read_text()
+    assert "Fig. 7" in report and (runs / "metrics.json").is_file()
+
+    out = tmp_path / "artifact"
+    assert "artifact:" in run("export", str(runs), "--out", str(out), "--version", "0.1.0")
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["name"] == "convnet-binary" and meta["trained"] is True
+    assert {"vs_labels", "vs_truth"} <= meta["test_metrics"].keys()
+    target, installed = ModelStore(tmp_path / "models").install(out)
+    assert installed.sha256 == meta["sha256"] and (target / "model.keras").is_file()
