@@ -35,7 +35,10 @@ def test_separate_receiver_and_two_workers(pg_url: str, tmp_path: Path, model_di
                          stdout=(tmp_path / f"worker{i}.log").open("wb"), stderr=subprocess.STDOUT)
         for i in range(2)
     ]  # fmt: skip
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     try:
+        # Both workers up (model loaded) before the scanner sends.
+        wait_for(lambda: all("started" in log.read_text() for log in logs), 120)
         files = write_series(synth_series(24, seed=31), tmp_path / "s")
         storescu(port, files)
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
@@ -45,8 +48,6 @@ def test_separate_receiver_and_two_workers(pg_url: str, tmp_path: Path, model_di
             assert s.scalar(select(func.count(SliceScore.id))) == 24  # each slice scored once
             assert set(s.scalars(select(Instance.state))) == {"scored"}
         engine.dispose()
-        logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
-        assert all("worker" in log and "started" in log for log in logs)
     finally:
         for w in workers:
             w.terminate()
