@@ -13,7 +13,6 @@ import random
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -40,7 +39,7 @@ from mriqa_node.ml.artifact import META_FILE, MODEL_FILE, ArtifactError, read_me
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
 from mriqa_node.spool import TMP_SUFFIX
-from tests.conftest import PG_ADMIN, _postgres_available, free_port
+from tests.conftest import PG_ADMIN, free_port, postgres_database
 
 
 @pytest.fixture(autouse=True)
@@ -85,16 +84,9 @@ def leftovers(root: Path) -> list[Path]:
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
-    if not _postgres_available():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    name = f"mriqa_fail_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """The name of a fresh PostgreSQL database (the tests switch its connections off and on)."""
+    with postgres_database() as url:
+        yield url.rsplit("/", 1)[1]
 
 
 def _pg_admin(*statements: str) -> None:

@@ -25,6 +25,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score  # noqa: E402
 
 from training import evaluate, figures, report  # noqa: E402
 from training.evaluate import metrics, to_task_labels  # noqa: E402
+from training.synth import MANIFEST_COLUMNS  # noqa: E402
 
 SIZE = 32
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -163,20 +164,7 @@ def make_manifest(root: Path, n: int = 40, seed: int = 1) -> Path:
     path = root / "manifest.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "path",
-                "patient_id",
-                "study_uid",
-                "series_uid",
-                "sop_instance_uid",
-                "instance",
-                "rater1",
-                "rater2",
-                "severity",
-                "true_class",
-            ]
-        )
+        w.writerow(MANIFEST_COLUMNS)
         for i in range(n):
             severity = float(rng.random())
             true_class = 0 if severity > 0.6 else (1 if severity > 0.2 else 2)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from training.evaluate import cohen_kappa, jaccard_matrix
+from training.manifest import BASE_COLUMNS, TAIL_COLUMNS
 
 from .anatomy import coil_field, draw_subject, render_series
 from .dicom import MAX_VALUE, SeriesInfo, uids, write_series
@@ -43,18 +44,7 @@ from .raters import TRUTH_THRESHOLDS, classify, rate
 
 __all__ = ["MANIFEST_COLUMNS", "SynthConfig", "generate"]
 
-MANIFEST_COLUMNS = (
-    "path",
-    "patient_id",
-    "study_uid",
-    "series_uid",
-    "sop_instance_uid",
-    "instance",
-    "rater1",
-    "rater2",
-    "severity",
-    "true_class",
-)
+MANIFEST_COLUMNS = (*BASE_COLUMNS, "rater1", "rater2", *TAIL_COLUMNS)  # the manifest contract
 SIGNAL_SCALE = 1400.0  # stored value of subcutaneous fat at the coil-field centre
 _STREAM_TAG = 0x53594E54  # "SYNT": separates these streams from any other use of the seed
 
