@@ -38,7 +38,12 @@ def test_separate_receiver_and_two_workers(pg_url: str, tmp_path: Path, model_di
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     try:
         # Both workers up (model loaded) before the scanner sends.
-        wait_for(lambda: all("started" in log.read_text() for log in logs), 120)
+        def all_started() -> bool:
+            for w, log in zip(workers, logs, strict=True):
+                assert w.poll() is None, f"worker exited:\n{log.read_text()[-3000:]}"
+            return all("started" in log.read_text() for log in logs)
+
+        wait_for(all_started, 120)
         files = write_series(synth_series(24, seed=31), tmp_path / "s")
         storescu(port, files)
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)

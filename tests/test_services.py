@@ -30,6 +30,7 @@ from mriqa_node.db.models import (
     Alert,
     Event,
     Instance,
+    ModelVersion,
     Series,
     SeriesVerdict,
     SliceScore,
@@ -419,6 +420,17 @@ def test_two_concurrent_claimers_never_share_an_instance(env: Env) -> None:
         assert {row.id for row in rows} == set(a) | set(b)  # nothing lost
         owner = {i: "w:1" for i in a} | {i: "w:2" for i in b}
         assert all(row.state == "claimed" and row.claimed_by == owner[row.id] for row in rows)
+
+
+def test_workers_starting_together_share_one_model_version_row(env: Env) -> None:
+    rounds = 8 if env.url.startswith("postgresql") else 2
+    for r in range(rounds):
+        meta = {**MODEL_META, "sha256": f"{r:02x}" * 32}
+        ids = run_concurrently([functools.partial(env.queue.model_version_id, meta)] * 4)
+        assert len(set(ids)) == 1, f"round {r}: {ids}"
+        with env.session() as s:
+            count = select(func.count(ModelVersion.id)).where(ModelVersion.sha256 == meta["sha256"])
+            assert s.scalar(count) == 1
 
 
 def test_expired_claim_is_taken_by_another_worker_and_the_loser_is_dropped(env: Env) -> None:

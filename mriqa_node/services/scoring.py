@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
@@ -112,11 +113,13 @@ class WorkQueue:
             )
 
     def model_version_id(self, meta: dict[str, Any]) -> int:
-        """The row for this artifact (by weights hash), created on first use."""
+        """The row for this artifact (by weights hash), created on first use.
+
+        Workers starting together race to create it: the loser of the unique-key race reads
+        the winner's row instead of failing."""
+        query = select(ModelVersion.id).where(ModelVersion.sha256 == meta["sha256"])
         with self.sessions.begin() as session:
-            found = session.scalar(
-                select(ModelVersion.id).where(ModelVersion.sha256 == meta["sha256"])
-            )
+            found = session.scalar(query)
             if found is not None:
                 return found
             row = ModelVersion(
@@ -127,9 +130,12 @@ class WorkQueue:
                 meta=json.loads(json.dumps(meta)),
                 first_used_at=now_utc(),
             )
-            session.add(row)
-            session.flush()
-            return row.id
+            try:
+                with session.begin_nested():
+                    session.add(row)
+                return row.id
+            except IntegrityError:
+                return session.scalars(query).one()
 
     def record(
         self, worker_id: str, model_version_id: int, results: Sequence[InstanceResult]
