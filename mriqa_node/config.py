@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -89,6 +89,43 @@ class VerdictConfig(_Section):
     worst_count: int | None = Field(None, ge=1)
 
 
+class ConsoleConfig(_Section):
+    """The technologist console (web pages, JSON API, live push) served by `mriqa serve`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # The address people use, for links in webhooks; empty: http://host:port.
+    public_url: str = ""
+    # Key that signs session cookies; created (0600) at first start when missing.
+    secret_file: Path = Path("var/console.secret")
+    session_hours: float = Field(12.0, gt=0)
+    tls_cert: str = ""  # serve HTTPS (and mark cookies Secure) when set
+    tls_key: str = ""
+    # Where rendered thumbnails and heat maps are cached.
+    cache_dir: Path = Path("var/cache")
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls_cert else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
+
+
+class WebhookConfig(_Section):
+    """A URL that gets a signed JSON POST for each verdict and alert."""
+
+    name: str = Field(min_length=1, max_length=100)
+    url: str = Field(pattern=r"^https?://")
+    # HMAC-SHA256 key for the X-MRIQA-Signature header; empty: unsigned (not recommended).
+    secret: str = ""
+    events: list[Literal["verdict", "alert", "alert_acknowledged"]] = ["verdict", "alert"]
+    timeout_seconds: float = Field(5.0, gt=0)
+    max_attempts: int = Field(12, ge=1)
+    # Retry n waits min(backoff_seconds * 2**(n-1), backoff_max_seconds).
+    backoff_seconds: float = Field(1.0, gt=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -104,7 +141,17 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
     verdict: VerdictConfig = VerdictConfig()
+    console: ConsoleConfig = ConsoleConfig()
+    webhooks: list[WebhookConfig] = []
     logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_webhook_names(cls, v: list[WebhookConfig]) -> list[WebhookConfig]:
+        names = [w.name for w in v]
+        if len(names) != len(set(names)):
+            raise ValueError("webhook names must be unique")
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -149,25 +196,41 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Settings:
 
 
 def to_toml(settings: Settings) -> str:
-    """The effective configuration as TOML, for `mriqa config show`."""
+    """The effective configuration as TOML, for `mriqa config show` (secrets masked)."""
     out: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
     for section, values in settings.model_dump(mode="json").items():
+        if isinstance(values, list):  # an array of tables, e.g. [[webhooks]]
+            tables += [(section, item) for item in values]
+            continue
         out.append(f"[{section}]")
         for key, value in values.items():
-            if value is None:
+            if _is_table_list(value):
+                tables += [(f"{section}.{key}", item) for item in value]
+            elif value is None:
                 out.append(f"# {key} = (from model)")
             else:
-                out.append(f"{key} = {_toml_value(value)}")
+                out.append(f"{key} = {_toml_value(key, value)}")
+        out.append("")
+    for name, item in tables:
+        out.append(f"[[{name}]]")
+        out += [f"{k} = {_toml_value(k, v)}" for k, v in item.items() if v is not None]
         out.append("")
     return "\n".join(out)
 
 
-def _toml_value(value: Any) -> str:
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _toml_value(key: str, value: Any) -> str:
+    if value and (key == "secret" or key.endswith(("_secret", "password"))):
+        return '"***"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(_toml_value("", v) for v in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

@@ -71,6 +71,26 @@ class AlertState(enum.StrEnum):
     acknowledged = "acknowledged"
 
 
+class AckAction(enum.StrEnum):
+    """What the technologist did about a non-diagnostic series."""
+
+    rescanned = "rescanned"
+    accepted = "accepted"  # accepted anyway
+    disagree = "disagree"  # the series is fine: the model was wrong
+
+
+class Role(enum.StrEnum):
+    technologist = "technologist"
+    radiologist = "radiologist"
+    admin = "admin"
+
+
+class DeliveryState(enum.StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"  # gave up after the last retry
+
+
 def _enum(e: type[enum.Enum]) -> Enum:
     return Enum(e, native_enum=False, length=16, validate_strings=True)
 
@@ -192,6 +212,8 @@ class SeriesVerdict(Base):
     n_unscorable: Mapped[int]
     policy: Mapped[dict[str, Any]]
     decided_at: Mapped[datetime]
+    # Seconds from the series' last instance to this verdict (the time-to-verdict metric).
+    seconds_after_last: Mapped[float | None] = mapped_column(Float)
 
     series: Mapped[Series] = relationship(back_populates="verdicts")
 
@@ -225,3 +247,92 @@ class Event(Base):
     series_uid: Mapped[str | None] = mapped_column(UID)
     payload: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+
+
+class User(Base):
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(_enum(Role))
+    password_hash: Mapped[str] = mapped_column(String(200))
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime]
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is stored, the token itself is shown once."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship()
+
+
+class Rating(Base):
+    """A rater's class for a slice (instance + frame) or for a whole series (instance None):
+    0 non-diagnostic, 1 diagnostic, 2 excellent. One rating per rater and item; rating again
+    replaces it. These are the labels offline retraining exports."""
+
+    __tablename__ = "rating"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"))
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"))
+    frame: Mapped[int] = mapped_column(default=0)
+    value: Mapped[int]
+    created_at: Mapped[datetime]
+
+    user: Mapped[User] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("user_id", "series_id", "instance_id", "frame", name="uq_rating_item"),
+        Index("ix_rating_series", "series_id"),
+    )
+
+
+class WebhookDelivery(Base):
+    """Outbox: one row per (webhook, event), sent until a 2xx or the last retry."""
+
+    __tablename__ = "webhook_delivery"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    webhook: Mapped[str] = mapped_column(String(100))  # the configured webhook's name
+    event_id: Mapped[int] = mapped_column(
+        Integer().with_variant(BigInteger, "postgresql"), ForeignKey("event.id")
+    )
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState), default=DeliveryState.pending
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claim_expires_at: Mapped[datetime | None]
+    last_status: Mapped[int | None]  # HTTP status of the last attempt
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+
+    event: Mapped[Event] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("webhook", "event_id", name="uq_delivery_webhook_event"),
+        Index("ix_delivery_state", "state", "next_attempt_at"),
+    )
+
+
+class Cursor(Base):
+    """How far a feed consumer (e.g. the webhook fan-out) has read the event table."""
+
+    __tablename__ = "feed_cursor"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -143,6 +143,7 @@ class SeriesService:
             n_unscorable=n_unscorable or 0,
             policy=policy.as_dict(),
             decided_at=now,
+            seconds_after_last=(now - series.last_received_at).total_seconds(),
         )
         session.add(row)
         session.execute(
@@ -155,7 +156,6 @@ class SeriesService:
         session.add(
             Event(kind="verdict", series_uid=series.series_uid, payload=payload, created_at=now)
         )
-        latency = (now - series.last_received_at).total_seconds()
         log.info(
             "verdict series %s (%s): %s score=%s slices=%d unscorable=%d, %.2f s after the last",
             series.series_uid,
@@ -164,7 +164,7 @@ class SeriesService:
             verdict.score,
             verdict.n_slices,
             row.n_unscorable,
-            latency,
+            row.seconds_after_last,
         )
         if verdict.non_diagnostic:
             self._raise_alert(session, series, row, payload, now)
