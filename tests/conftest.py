@@ -1,4 +1,5 @@
-"""Shared fixtures: both database engines, a tiny model artifact, real node processes, DCMTK."""
+"""Shared fixtures: both database engines, the services on them (``env``), a tiny model artifact,
+real node processes, DCMTK."""
 
 from __future__ import annotations
 
@@ -12,15 +13,26 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from mriqa_node.db import migrate
+from mriqa_node.db.engine import make_engine, make_sessionmaker
+from mriqa_node.domain.completion import CompletionRule
+from mriqa_node.services.intake import Intake
+from mriqa_node.services.scoring import WorkQueue
+from mriqa_node.services.series import SeriesService
+from mriqa_node.spool import Spool
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_INTAKE = REPO.parent / "shared" / "data" / "intake"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TINY_WIDTHS = (4, 8, 8, 16)  # same architecture as the paper's ConvNet, a fraction of the cost
+IDLE, GRACE = 5.0, 1.0  # the env fixture's completion rule: idle and release-grace seconds
 
 
 def free_port() -> int:
@@ -68,6 +80,38 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+@dataclass
+class Env:
+    """The services on one fresh database, built directly (no DICOM network, no worker)."""
+
+    url: str
+    sessions: sessionmaker[Session]
+    spool: Spool
+    intake: Intake
+    series: SeriesService
+    queue: WorkQueue
+
+    def session(self) -> Session:
+        return self.sessions()
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    yield Env(
+        db_url,
+        sessions,
+        spool,
+        Intake(sessions, spool),
+        SeriesService(sessions, CompletionRule(IDLE, GRACE)),
+        WorkQueue(sessions, claim_seconds=30.0),
+    )
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A freshly initialised (untrained) ConvNet artifact at the node's 512x512 input."""
@@ -86,6 +130,7 @@ def write_config(path: Path, port: int, db_url: str, model: Path, **sections: di
         "series": {"idle_seconds": 2.0, "release_grace_seconds": 1.0},
         "model": {"path": str(model)},
         "worker": {"poll_seconds": 0.1},
+        "console": {"port": free_port()},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

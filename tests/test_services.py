@@ -10,8 +10,7 @@ import functools
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
@@ -21,11 +20,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import load_config
-from mriqa_node.db import migrate
-from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import (
     Alert,
     Event,
@@ -46,9 +42,9 @@ from mriqa_node.services.intake import Intake, StoreOutcome, now_utc
 from mriqa_node.services.scoring import Claim, InstanceResult, WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import TMP_SUFFIX, Spool
+from tests.conftest import GRACE, IDLE, Env
 
 T = TypeVar("T")
-IDLE, GRACE = 5.0, 1.0
 HOUR = timedelta(hours=1)
 MODEL_META = {
     "name": "hand-made",
@@ -65,36 +61,6 @@ def _no_mriqa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """load_config(None, ...) also reads MRIQA_* variables: keep the caller's out."""
     for key in [k for k in os.environ if k.startswith("MRIQA_")]:
         monkeypatch.delenv(key)
-
-
-@dataclass
-class Env:
-    url: str
-    sessions: sessionmaker[Session]
-    spool: Spool
-    intake: Intake
-    series: SeriesService
-    queue: WorkQueue
-
-    def session(self) -> Session:
-        return self.sessions()
-
-
-@pytest.fixture
-def env(db_url: str, tmp_path: Path) -> Iterator[Env]:
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    sessions = make_sessionmaker(engine)
-    spool = Spool(tmp_path / "spool", fsync=False)
-    yield Env(
-        db_url,
-        sessions,
-        spool,
-        Intake(sessions, spool),
-        SeriesService(sessions, CompletionRule(IDLE, GRACE)),
-        WorkQueue(sessions, claim_seconds=30.0),
-    )
-    engine.dispose()
 
 
 def encode(ds: pydicom.Dataset) -> bytes:

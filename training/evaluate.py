@@ -27,6 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from mriqa_node.domain.agreement import (  # the node's metrics; re-exported here
+    cohen_kappa,
+    confusion_counts,
+    jaccard_matrix,
+    kappa_from_confusion,
+)
+
 CLASS_NAMES: dict[str, list[str]] = {
     "binary": ["non_diagnostic", "diagnostic"],
     "3class": ["non_diagnostic", "diagnostic", "excellent"],
@@ -79,63 +86,11 @@ def _finite_or_none(x: float | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def confusion_counts(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
-    """Counts [true, predicted]; entries with a negative label on either side are ignored."""
-    t = np.asarray(y_true).astype(np.int64).reshape(-1)
-    p = np.asarray(y_pred).astype(np.int64).reshape(-1)
-    if t.shape != p.shape:
-        raise ValueError(f"length mismatch: {t.shape} vs {p.shape}")
-    ok = (t >= 0) & (p >= 0) & (t < num_classes) & (p < num_classes)
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (t[ok], p[ok]), 1)
-    return cm
-
-
 def row_normalise(cm: Any) -> np.ndarray:
     """Each row divided by its sum (rows without samples stay 0)."""
     cm = np.asarray(cm, dtype=np.float64)
     rows = cm.sum(axis=1, keepdims=True)
     return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-
-
-def kappa_from_confusion(cm: Any) -> float | None:
-    """Cohen's kappa from a square contingency table; None when undefined (chance agreement 1)."""
-    cm = np.asarray(cm, dtype=np.float64)
-    n = cm.sum()
-    if n <= 0:
-        return None
-    po = np.trace(cm) / n
-    pe = float((cm.sum(axis=1) * cm.sum(axis=0)).sum()) / (n * n)
-    if pe >= 1.0 - 1e-12:
-        return None
-    return float((po - pe) / (1.0 - pe))
-
-
-def cohen_kappa(a: Any, b: Any, num_classes: int = 3) -> float | None:
-    """Cohen's kappa between two label vectors (negative labels ignored pairwise)."""
-    return kappa_from_confusion(confusion_counts(a, b, num_classes))
-
-
-def jaccard_matrix(r1: Any, r2: Any, num_classes: int = 3) -> np.ndarray:
-    """J[i, j] = |r1 == i AND r2 == j| / |r1 == i OR r2 == j| (the paper's Fig. 6).
-
-    Pairs where either rating is missing (negative) are dropped first. A cell whose union is empty
-    (neither rater used class i nor class j) is NaN.
-    """
-    a = np.asarray(r1).astype(np.int64).reshape(-1)
-    b = np.asarray(r2).astype(np.int64).reshape(-1)
-    if a.shape != b.shape:
-        raise ValueError(f"rater vectors differ in length: {a.shape} vs {b.shape}")
-    ok = (a >= 0) & (b >= 0)
-    a, b = a[ok], b[ok]
-    out = np.full((num_classes, num_classes), np.nan)
-    for i in range(num_classes):
-        for j in range(num_classes):
-            inter = np.count_nonzero((a == i) & (b == j))
-            union = np.count_nonzero((a == i) | (b == j))
-            if union:
-                out[i, j] = inter / union
-    return out
 
 
 def _auc(scores: np.ndarray, positives: np.ndarray) -> float | None:
