@@ -51,15 +51,20 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 @main.command()
 @click.option("--no-worker", is_flag=True, help="Receive only; scoring runs in `mriqa worker`.")
+@click.option("--no-console", is_flag=True, help="Do not serve the web console.")
 @click.pass_context
-def serve(ctx: click.Context, no_worker: bool) -> None:
-    """Run the DICOM receiver, the series monitor and (by default) the scoring worker."""
+def serve(ctx: click.Context, no_worker: bool, no_console: bool) -> None:
+    """Run the DICOM receiver, the series monitor, the console and (by default) the worker."""
     from mriqa_node.node import Node
 
     settings = _settings(ctx)
     setup_logging(settings.logging.level)
     node = Node(settings)
-    _start(node, worker=settings.worker.enabled and not no_worker)
+    _start(
+        node,
+        worker=settings.worker.enabled and not no_worker,
+        console=settings.console.enabled and not no_console,
+    )
     node.run_until_signalled()
 
 
@@ -254,6 +259,109 @@ def model_show(ctx: click.Context) -> None:
     path = resolve_model(settings)
     click.echo(f"# {path}")
     click.echo((path / "model.json").read_text())
+
+
+def _users(settings: Settings):
+    from mriqa_node.db import migrate
+    from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.services.users import UserService
+
+    engine = make_engine(settings.storage.database_url)
+    migrate.upgrade(engine)
+    return UserService(make_sessionmaker(engine))
+
+
+@main.group(name="user")
+def user_group() -> None:
+    """Console users (roles: technologist, radiologist, admin)."""
+
+
+@user_group.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["technologist", "radiologist", "admin"]), required=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (scripts).")
+@click.option("--replace", is_flag=True, help="Reset the password and role of an existing user.")
+@click.pass_context
+def user_add(ctx: click.Context, name: str, role: str, password_stdin: bool, replace: bool) -> None:
+    """Add a console user; the password is prompted for (or read from stdin)."""
+    from mriqa_node.services.users import UserError
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        user = _users(_settings(ctx)).add(name, role, password, replace=replace)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"user {user.name} ({user.role.value}) saved")
+
+
+@user_group.command("list")
+@click.pass_context
+def user_list(ctx: click.Context) -> None:
+    for u in _users(_settings(ctx)).list():
+        state = "" if u["active"] else " (inactive)"
+        click.echo(f"{u['name']:<24} {u['role']:<13} since {u['created_at']}{state}")
+
+
+@main.group(name="token")
+def token_group() -> None:
+    """API bearer tokens (Authorization: Bearer <token>)."""
+
+
+@token_group.command("create")
+@click.option("--user", "name", required=True)
+@click.option("--label", default=None, help="What the token is for, e.g. 'prometheus'.")
+@click.pass_context
+def token_create(ctx: click.Context, name: str, label: str | None) -> None:
+    """Create a token and print it once (only its hash is kept)."""
+    from mriqa_node.services.users import UserError
+
+    try:
+        click.echo(_users(_settings(ctx)).create_token(name, label))
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@token_group.command("revoke")
+@click.option("--user", "name", required=True)
+@click.pass_context
+def token_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke every token of a user."""
+    from mriqa_node.services.users import UserError
+
+    try:
+        n = _users(_settings(ctx)).revoke_tokens(name)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{n} token(s) revoked")
+
+
+@main.group(name="ratings")
+def ratings_group() -> None:
+    """Ratings collected in the console (the labels for offline retraining)."""
+
+
+@ratings_group.command("export")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_context
+def ratings_export(ctx: click.Context, out: Path) -> None:
+    """Write the slice ratings as a training manifest (`mriqa-train train --manifest OUT`).
+
+    Patient IDs become keyed pseudonyms (the key is the node's console secret)."""
+    from mriqa_node.console.app import load_session_secret
+    from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.services.ratings import RatingService
+
+    settings = _settings(ctx)
+    engine = make_engine(settings.storage.database_url, readonly=True)
+    key = load_session_secret(settings.console.secret_file).encode()
+    n = RatingService(make_sessionmaker(engine)).export_manifest(
+        out, settings.storage.spool_dir, pseudonym_key=key
+    )
+    engine.dispose()
+    click.echo(f"{n} rated slice(s) written to {out}")
 
 
 @main.command()

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 
 from mriqa_node.config import Settings
+from mriqa_node.db.models import Role
 from mriqa_node.dicom.scu import send_datasets
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
 from mriqa_node.services.queries import recent_series
+from mriqa_node.services.users import UserService
 
 log = logging.getLogger(__name__)
+
+
+DEMO_USER = "demo"
+
+
+def _demo_login(node: Node) -> tuple[str, str]:
+    """A demo admin with a fresh random password, printed for the person running the demo."""
+    password = secrets.token_urlsafe(9)
+    UserService(node.sessions).add(DEMO_USER, Role.admin, password, replace=True)
+    return DEMO_USER, password
 
 
 def run_demo(
     settings: Settings, n_series: int, slices: int, keep_running: bool, stop: threading.Event
 ) -> None:
     node = Node(settings)
-    node.start()
+    node.start(console=settings.console.enabled)
+    login = _demo_login(node) if settings.console.enabled else None
     d = settings.dicom
     calling = d.allowed_calling_aets[0] if d.allowed_calling_aets else "SCANNER1"
     sent: list[str] = []
@@ -56,6 +70,8 @@ def run_demo(
             f" score={r['score']} worst slices={r['worst_slices']}",
             flush=True,
         )
+    if login:
+        print(f"console: {settings.console.url}  user {login[0]}  password {login[1]}", flush=True)
     if keep_running:
         print(f"node running: DICOM {d.ae_title}@{d.host}:{d.port}; Ctrl-C to stop", flush=True)
         node.run_until_signalled()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -67,6 +69,7 @@ class Node:
         )
         self.queue = WorkQueue(self.sessions, settings.worker.claim_seconds)
         self.scp: StoreSCP | None = None
+        self.console = None
         self.worker = None
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -99,7 +102,13 @@ class Node:
             self.work_available.set()
         return recovered
 
-    def start(self, receiver: bool = True, worker: bool = True, monitor: bool = True) -> None:
+    def start(
+        self,
+        receiver: bool = True,
+        worker: bool = True,
+        monitor: bool = True,
+        console: bool = False,
+    ) -> None:
         self.upgrade_db()
         if receiver:
             self.recover_spool()
@@ -109,9 +118,43 @@ class Node:
             self._spawn("model-watcher", self._watch_model)
         if monitor:
             self._spawn("series-monitor", self._monitor)
+            if self.settings.webhooks:
+                self._spawn("webhooks", lambda: self._webhook_outbox().run(self.stopping))
+        if console:
+            self.console = self._make_console()
+            self.console.start()
         if receiver:
             self.scp = StoreSCP(self.settings.dicom, self.intake)
             self.scp.start()
+
+    def _webhook_outbox(self):
+        from mriqa_node.services.webhooks import WebhookOutbox
+
+        process = f"{socket.gethostname()}:{os.getpid()}"
+        s = self.settings
+        return WebhookOutbox(self.sessions, self.reads, s.webhooks, s.console.url, process)
+
+    def _make_console(self):
+        from mriqa_node.console.app import ConsoleContext, create_app, load_session_secret
+        from mriqa_node.console.server import ConsoleServer
+        from mriqa_node.services.alerts import AlertService
+        from mriqa_node.services.images import SliceImages
+        from mriqa_node.services.ratings import RatingService
+        from mriqa_node.services.users import UserService
+
+        cfg = self.settings.console
+        ctx = ConsoleContext(
+            settings=self.settings,
+            reads=self.reads,
+            users=UserService(self.sessions, self.reads),
+            alerts=AlertService(self.sessions, self.reads),
+            ratings=RatingService(self.sessions, self.reads),
+            images=SliceImages(
+                self.reads, self.spool, cfg.cache_dir, lambda: resolve_model(self.settings)
+            ),
+            outbox=self._webhook_outbox() if self.settings.webhooks else None,
+        )
+        return ConsoleServer(create_app(ctx, load_session_secret(cfg.secret_file)), cfg)
 
     def _make_worker(self):
         from mriqa_node.ml.scorer import Scorer
@@ -172,6 +215,8 @@ class Node:
         self.work_available.set()
         if self.scp is not None:
             self.scp.stop()
+        if self.console is not None:
+            self.console.stop()
         for thread in self._threads:
             thread.join(timeout=10)
         self.engine.dispose()

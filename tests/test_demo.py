@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mriqa_node.db.engine import make_engine, make_sessionmaker
+from mriqa_node.services.users import UserService
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_with_defaults_and_prints_verdicts(tmp_path: Path) -> None:
-    env = {**os.environ, "MRIQA_DICOM__PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "MRIQA_DICOM__PORT": str(free_port()),
+           "MRIQA_CONSOLE__PORT": str(free_port()), "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
     env.pop("MRIQA_CONFIG", None)
     result = subprocess.run(
         [sys.executable, "-m", "mriqa_node.cli", "demo", "--series", "2", "--slices", "6",
@@ -30,3 +34,9 @@ def test_demo_runs_with_defaults_and_prints_verdicts(tmp_path: Path) -> None:
     assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 12
     assert "model convnet-binary-synthetic" in result.stderr
     assert "UNTRAINED" not in result.stderr
+    # The console is up and the demo user can sign in with the printed password.
+    login = re.search(r"console: (\S+)\s+user (\S+)\s+password (\S+)", result.stdout)
+    assert login, result.stdout
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'mriqa.db'}")
+    assert UserService(make_sessionmaker(engine)).authenticate(login[2], login[3]) is not None
+    engine.dispose()

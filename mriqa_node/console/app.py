@@ -1,0 +1,401 @@
+"""The console's ASGI app: pages for people, a JSON API for scripts, live push, health, metrics.
+
+Every route but ``/healthz``, ``/login`` and the static files needs an authenticated user;
+changes need the right role (and, from a browser session, the CSRF token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.middleware.sessions import SessionMiddleware
+
+from mriqa_node.config import Settings
+from mriqa_node.console.auth import CurrentUser, LoginRequired, check_csrf, csrf_token, require
+from mriqa_node.console.live import LiveFeed
+from mriqa_node.console.metrics import registry_for
+from mriqa_node.db.models import AckAction
+from mriqa_node.services import queries
+from mriqa_node.services.alerts import AlertConflict, AlertNotFound, AlertService
+from mriqa_node.services.images import SliceImages, SliceNotFound
+from mriqa_node.services.ratings import Forbidden, NotFound, RatingError, RatingService
+from mriqa_node.services.users import ACK_ROLES, ADMIN_ROLES, RATE_ROLES, Principal, UserService
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.filters["add_one"] = lambda i: i + 1  # 0-based slice indexes, 1-based for people
+templates.env.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
+@dataclass
+class ConsoleContext:
+    """The services the console adapts; built once by the node."""
+
+    settings: Settings
+    reads: sessionmaker[Session]
+    users: UserService
+    alerts: AlertService
+    ratings: RatingService
+    images: SliceImages
+    outbox: Any = None  # WebhookOutbox when webhooks are configured
+
+
+def _ctx(request: Request) -> ConsoleContext:
+    return request.app.state.ctx
+
+
+Ctx = Annotated[ConsoleContext, Depends(_ctx)]
+Acker = Annotated[Principal, Depends(require(*ACK_ROLES))]
+Rater = Annotated[Principal, Depends(require(*RATE_ROLES))]
+Admin = Annotated[Principal, Depends(require(*ADMIN_ROLES))]
+
+
+class AckRequest(BaseModel):
+    action: AckAction
+    comment: str | None = Field(None, max_length=2000)
+
+
+class RatingRequest(BaseModel):
+    series_uid: str
+    value: int = Field(ge=0, le=2, description="0 non-diagnostic, 1 diagnostic, 2 excellent")
+    sop_instance_uid: str | None = Field(None, description="omit to rate the whole series")
+    frame: int = Field(0, ge=0)
+
+
+# -- JSON API ------------------------------------------------------------------------------------
+
+api = APIRouter(prefix="/api", tags=["api"])
+
+
+@api.get("/me")
+def me(user: CurrentUser) -> dict[str, str]:
+    return {"name": user.name, "role": user.role.value}
+
+
+@api.get("/series")
+def list_series(
+    ctx: Ctx,
+    user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    """Newest series first, with state, verdict and any open alert."""
+    return {
+        "total": queries.count_series(ctx.reads),
+        "items": queries.recent_series(ctx.reads, limit, offset),
+    }
+
+
+@api.get("/series/{series_uid}")
+def get_series(series_uid: str, ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
+    """One series: slices in anatomical order with their probabilities, verdict history."""
+    try:
+        return queries.series_detail(ctx.reads, series_uid)
+    except queries.SeriesNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@api.get("/series/{series_uid}/slices/{instance_id}/{frame}/image.png")
+def slice_image(
+    series_uid: str, instance_id: int, frame: int, ctx: Ctx, user: CurrentUser, size: int = 192
+) -> Response:
+    """The slice as the model saw it (windowed), as a PNG."""
+    return _png(lambda: ctx.images.thumbnail(series_uid, instance_id, frame, size))
+
+
+@api.get("/series/{series_uid}/slices/{instance_id}/{frame}/heatmap.png")
+def slice_heat_map(
+    series_uid: str, instance_id: int, frame: int, ctx: Ctx, user: CurrentUser, size: int = 192
+) -> Response:
+    """Grad-CAM overlay (RGBA PNG): where the model saw the artifact."""
+    return _png(lambda: ctx.images.heat_map(series_uid, instance_id, frame, size))
+
+
+def _png(render) -> Response:
+    try:
+        data = render()
+    except SliceNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    return Response(data, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=86400"})  # fmt: skip
+
+
+@api.get("/alerts")
+def list_alerts(
+    ctx: Ctx,
+    user: CurrentUser,
+    state: Literal["open", "acknowledged"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[dict[str, Any]]:
+    return ctx.alerts.list(state=state, limit=limit)
+
+
+@api.post("/alerts/{alert_id}/ack")
+def acknowledge(alert_id: int, body: AckRequest, ctx: Ctx, user: Acker) -> dict[str, Any]:
+    """Acknowledge an open alert: rescanned, accepted (anyway) or disagree."""
+    try:
+        return ctx.alerts.acknowledge(alert_id, user, body.action, body.comment)
+    except AlertNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except AlertConflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+
+
+@api.get("/series/{series_uid}/ratings")
+def series_ratings(series_uid: str, ctx: Ctx, user: CurrentUser) -> list[dict[str, Any]]:
+    try:
+        return ctx.ratings.for_series(series_uid)
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@api.post("/ratings")
+def rate(body: RatingRequest, ctx: Ctx, user: Rater) -> dict[str, Any]:
+    """Rate a slice (sop_instance_uid + frame) or a whole series; rating again replaces."""
+    try:
+        return ctx.ratings.rate(user, body.series_uid, body.value, body.sop_instance_uid,
+                                body.frame)  # fmt: skip
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from exc
+    except RatingError as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+
+@api.get("/agreement")
+def agreement(
+    ctx: Ctx, user: CurrentUser, level: Literal["slice", "series"] = "slice"
+) -> dict[str, Any]:
+    """Cohen's kappa and Jaccard index matrices between raters and between raters and model."""
+    return ctx.ratings.agreement(level)
+
+
+@api.get("/webhooks/deliveries")
+def webhook_deliveries(
+    ctx: Ctx, user: Admin, state: Literal["pending", "delivered", "failed"] | None = None
+) -> list[dict[str, Any]]:
+    return ctx.outbox.deliveries(state=state) if ctx.outbox else []
+
+
+@api.get("/events", response_class=EventSourceResponse)
+async def events(
+    request: Request, user: CurrentUser, after: int | None = None
+) -> AsyncIterator[ServerSentEvent]:
+    """Live feed (server-sent events): verdict, alert, alert_acknowledged, series_complete,
+    progress. Reconnects resume after Last-Event-ID."""
+    resume = request.headers.get("last-event-id")
+    start = int(resume) if resume and resume.isdigit() else after
+    async for message in request.app.state.live.subscribe(start):
+        ident = message.get("id")
+        yield ServerSentEvent(data=message, event=message["kind"],
+                              id=str(ident) if ident is not None else None)  # fmt: skip
+
+
+@api.get("/openapi.json", include_in_schema=False)
+def openapi(request: Request, user: CurrentUser) -> dict[str, Any]:
+    return request.app.openapi()
+
+
+# -- pages ---------------------------------------------------------------------------------------
+
+pages = APIRouter(include_in_schema=False)
+
+
+def _page(request: Request, name: str, user: Principal | None, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request,
+        name,
+        {"user": user, "csrf": csrf_token(request), "may_ack": bool(user and user.may(ACK_ROLES)),
+         "may_rate": bool(user and user.may(RATE_ROLES)),
+         "is_admin": bool(user and user.may(ADMIN_ROLES)), **context},
+    )  # fmt: skip
+
+
+@pages.get("/login")
+def login_form(request: Request, next: str = "/", error: str | None = None) -> HTMLResponse:
+    return _page(request, "login.html", None, next=_local(next), error=error)
+
+
+@pages.post("/login")
+async def login(
+    request: Request,
+    ctx: Ctx,
+    username: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/",
+) -> Response:
+    await check_csrf(request)
+    user = await asyncio.to_thread(ctx.users.authenticate, username, password)
+    if user is None:
+        return _page(request, "login.html", None, next=_local(next),
+                     error="Wrong user name or password.")  # fmt: skip
+    request.session.clear()  # a fresh session (and CSRF token) for the signed-in user
+    request.session.update(user_id=user.id, csrf=secrets.token_urlsafe(32))
+    return RedirectResponse(_local(next), status_code=303)
+
+
+@pages.post("/logout")
+async def logout(request: Request, user: CurrentUser) -> Response:
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)
+
+
+@pages.get("/")
+def live_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
+    return _page(
+        request,
+        "live.html",
+        user,
+        series=queries.recent_series(ctx.reads, 100),
+        total=queries.count_series(ctx.reads),
+        alerts=ctx.alerts.list(state="open"),
+        last_event_id=queries.last_event_id(ctx.reads),
+    )
+
+
+@pages.get("/series/{series_uid}")
+def series_page(series_uid: str, request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
+    try:
+        series = queries.series_detail(ctx.reads, series_uid)
+    except queries.SeriesNotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    ratings = ctx.ratings.for_series(series_uid)
+    mine = {(r["sop_instance_uid"], r["frame"]): r["value"] for r in ratings
+            if r["rater"] == user.name}  # fmt: skip
+    return _page(
+        request,
+        "series.html",
+        user,
+        s=series,
+        ratings=ratings,
+        my_ratings=mine,
+        alerts=ctx.alerts.list(state="open"),
+        history=ctx.alerts.list(series_uid=series_uid),
+        last_event_id=queries.last_event_id(ctx.reads),
+    )
+
+
+@pages.get("/alerts")
+def alerts_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
+    return _page(request, "alerts.html", user, history=ctx.alerts.list(limit=500),
+                 alerts=ctx.alerts.list(state="open"),
+                 last_event_id=queries.last_event_id(ctx.reads))  # fmt: skip
+
+
+@pages.get("/agreement")
+def agreement_page(
+    request: Request, ctx: Ctx, user: CurrentUser, level: Literal["slice", "series"] = "slice"
+) -> HTMLResponse:
+    return _page(request, "agreement.html", user, report=ctx.ratings.agreement(level),
+                 level=level, alerts=ctx.alerts.list(state="open"),
+                 last_event_id=queries.last_event_id(ctx.reads))  # fmt: skip
+
+
+@pages.get("/admin/webhooks")
+def webhooks_page(request: Request, ctx: Ctx, user: Admin) -> HTMLResponse:
+    return _page(request, "webhooks.html", user,
+                 deliveries=ctx.outbox.deliveries() if ctx.outbox else [],
+                 webhooks=ctx.settings.webhooks, alerts=ctx.alerts.list(state="open"),
+                 last_event_id=queries.last_event_id(ctx.reads))  # fmt: skip
+
+
+def _local(target: str) -> str:
+    """Only redirect within the console (no open redirect through ?next=)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
+    live = LiveFeed(ctx.reads)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(live.run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = FastAPI(
+        title="mriqa-node console API",
+        version="1",
+        description="Series verdicts, rescan alerts, ratings. Authenticate with "
+        "`Authorization: Bearer <token>` (`mriqa token create --user NAME`).",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served behind authentication at /api/openapi.json
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.live = live
+    console = ctx.settings.console
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret,
+        session_cookie="mriqa_session",
+        max_age=int(console.session_hours * 3600),
+        same_site="strict",
+        https_only=bool(console.tls_cert),
+    )
+    app.include_router(api)
+    app.include_router(pages)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    registry = registry_for(ctx.reads)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:
+        """Liveness and database reachability, without authentication (for load balancers)."""
+        try:
+            with ctx.reads() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            return JSONResponse({"status": "error", "database": str(exc)[:200]}, 503)
+        return JSONResponse({"status": "ok", "database": "ok"})
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(user: CurrentUser) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, exc: LoginRequired) -> Response:
+        wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
+        if wants_page and not request.url.path.startswith("/api/"):
+            return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        return JSONResponse({"detail": "authentication required"}, 401,
+                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    return app
+
+
+def load_session_secret(path: Path) -> str:
+    """The cookie-signing key: kept in a file readable by the node only, made on first start."""
+    path = Path(path)
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_urlsafe(48).encode())
+        finally:
+            os.close(fd)
+    return path.read_text().strip()

@@ -1,0 +1,107 @@
+"""Prometheus metrics, read from the database at scrape time.
+
+Counting in the database rather than in process memory keeps the numbers right when receivers
+and workers run as separate processes or hosts, and across restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from mriqa_node.db.models import (
+    Alert,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    SeriesVerdict,
+    WebhookDelivery,
+)
+
+VERDICT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class NodeCollector:
+    def __init__(self, reads: sessionmaker[Session]) -> None:
+        self.reads = reads
+
+    def collect(self) -> Iterator[Metric]:
+        with self.reads() as session:
+            instances = session.scalar(select(func.count(Instance.id))) or 0
+            depth = session.scalar(
+                select(func.count(Instance.id)).where(
+                    Instance.state.in_((InstanceState.pending, InstanceState.claimed))
+                )
+            )
+            verdicts = session.execute(
+                select(SeriesVerdict.label, func.count(SeriesVerdict.id)).group_by(
+                    SeriesVerdict.label
+                )
+            ).all()
+            alerts = session.execute(
+                select(Alert.state, func.count(Alert.id)).group_by(Alert.state)
+            ).all()
+            latency = SeriesVerdict.seconds_after_last
+            buckets = session.execute(
+                select(
+                    *(func.sum(case((latency <= b, 1), else_=0)) for b in VERDICT_BUCKETS),
+                    func.count(latency),
+                    func.sum(latency),
+                )
+            ).one()
+            deliveries = session.execute(
+                select(WebhookDelivery.state, func.count(WebhookDelivery.id)).group_by(
+                    WebhookDelivery.state
+                )
+            ).all()
+
+        yield CounterMetricFamily(
+            "mriqa_instances_received", "DICOM instances kept (spool + database)", instances
+        )
+        decided = CounterMetricFamily(
+            "mriqa_series_decided", "Series verdicts recorded", labels=["label"]
+        )
+        for label, n in verdicts:
+            decided.add_metric([label], n)
+        yield decided
+        alert_family = CounterMetricFamily(
+            "mriqa_alerts", "Rescan alerts raised, by current state", labels=["state"]
+        )
+        for state, n in alerts:
+            alert_family.add_metric([str(state.value)], n)
+        yield alert_family
+        yield GaugeMetricFamily(
+            "mriqa_worker_queue_depth", "Instances waiting for or being scored", depth or 0
+        )
+        *cumulative, count, total = buckets
+        hist = HistogramMetricFamily(
+            "mriqa_time_to_verdict_seconds",
+            "Seconds from a series' last instance to its verdict",
+            buckets=[
+                (str(b), int(c or 0)) for b, c in zip(VERDICT_BUCKETS, cumulative, strict=True)
+            ]
+            + [("+Inf", int(count or 0))],
+            sum_value=float(total or 0.0),
+        )
+        yield hist
+        delivery_family = GaugeMetricFamily(
+            "mriqa_webhook_deliveries", "Webhook deliveries by state", labels=["state"]
+        )
+        for state in DeliveryState:
+            delivery_family.add_metric([state.value], dict(deliveries).get(state, 0))
+        yield delivery_family
+
+
+def registry_for(reads: sessionmaker[Session]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(reads))
+    return registry
