@@ -7,6 +7,7 @@ Precedence (highest first): environment variables ``MRIQA_<SECTION>__<KEY>`` (fo
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +127,68 @@ class WebhookConfig(_Section):
     backoff_max_seconds: float = Field(300.0, gt=0)
 
 
+class RemoteAE(_Section):
+    """Another DICOM application entity we connect to (a PACS, an archive)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False  # DICOM TLS; tls_ca verifies the peer, tls_cert/tls_key identify us
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, v: str) -> str:
+        return DicomConfig._ae_title(v)
+
+
+class DestinationConfig(RemoteAE):
+    """A PACS (or other archive) that gets what the node receives, and its QA objects."""
+
+    name: str = Field(min_length=1, max_length=64)
+    forward: bool = True  # forward received instances (filtered by the rules below)
+    # Rules: an instance is forwarded when it matches all the non-empty ones.
+    calling_aets: list[str] = []
+    modalities: list[str] = []
+    series_description: str = ""  # a regular expression, searched case-insensitively
+    send_kos: bool = True  # IOCM rejection notes (KOS 113001) for rejected series
+    send_sr: bool = True  # a QA result SR per decided series
+    send_montage: bool = False  # a Secondary Capture montage with heat maps per verdict
+    batch: int = Field(64, ge=1)  # instances per association
+    # 0: retry forever, so nothing is lost while the PACS is down for hours.
+    max_attempts: int = Field(0, ge=0)
+    backoff_seconds: float = Field(1.0, gt=0)
+    backoff_max_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return v
+
+
+class PacsConfig(_Section):
+    destinations: list[DestinationConfig] = []
+    # The PACS to query and retrieve from (`mriqa pacs find/pull`); it must know our AE title.
+    query: RemoteAE | None = None
+    # Send a rejection note as soon as a series is non-diagnostic, without waiting for the
+    # technologist to confirm (off: only "rescanned" or `mriqa reject` rejects).
+    reject_on_non_diagnostic: bool = False
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, v: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in v]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        return v
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -143,6 +206,7 @@ class Settings(BaseSettings):
     verdict: VerdictConfig = VerdictConfig()
     console: ConsoleConfig = ConsoleConfig()
     webhooks: list[WebhookConfig] = []
+    pacs: PacsConfig = PacsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("webhooks")
@@ -198,25 +262,31 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Settings:
 def to_toml(settings: Settings) -> str:
     """The effective configuration as TOML, for `mriqa config show` (secrets masked)."""
     out: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
     for section, values in settings.model_dump(mode="json").items():
         if isinstance(values, list):  # an array of tables, e.g. [[webhooks]]
-            tables += [(section, item) for item in values]
-            continue
-        out.append(f"[{section}]")
-        for key, value in values.items():
-            if _is_table_list(value):
-                tables += [(f"{section}.{key}", item) for item in value]
-            elif value is None:
-                out.append(f"# {key} = (from model)")
-            else:
-                out.append(f"{key} = {_toml_value(key, value)}")
-        out.append("")
-    for name, item in tables:
-        out.append(f"[[{name}]]")
-        out += [f"{k} = {_toml_value(k, v)}" for k, v in item.items() if v is not None]
-        out.append("")
+            for item in values:
+                _table(f"[[{section}]]", section, item, out)
+        else:
+            _table(f"[{section}]", section, values, out)
     return "\n".join(out)
+
+
+def _table(header: str, name: str, values: dict[str, Any], out: list[str]) -> None:
+    """One table, then its sub-tables ([a.b]) and arrays of tables ([[a.b]])."""
+    out.append(header)
+    nested: list[tuple[str, str, dict[str, Any]]] = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested.append((f"[{name}.{key}]", f"{name}.{key}", value))
+        elif _is_table_list(value):
+            nested += [(f"[[{name}.{key}]]", f"{name}.{key}", item) for item in value]
+        elif value is None:
+            out.append(f"# {key} = (from model)" if name == "verdict" else f"# {key} = (unset)")
+        else:
+            out.append(f"{key} = {_toml_value(key, value)}")
+    out.append("")
+    for sub_header, sub_name, sub_values in nested:
+        _table(sub_header, sub_name, sub_values, out)
 
 
 def _is_table_list(value: Any) -> bool:

@@ -231,3 +231,16 @@ def storescu(port: int, files: list[Path], aet: str = "STORESCU", *extra: str,
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator:
+    """A real Orthanc on free ports, stopped at teardown; `orthanc.modalities` may be set
+    before `orthanc.start()` (it is started here with none; restart to change them)."""
+    from tests.orthanc import ORTHANC, Orthanc
+
+    if not Path(ORTHANC).is_file():
+        pytest.skip(f"{ORTHANC} missing: apt-get install orthanc")
+    server = Orthanc(tmp_path / "orthanc", free_port(), free_port())
+    yield server
+    server.stop()
