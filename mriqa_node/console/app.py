@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -218,6 +219,13 @@ def openapi(request: Request, user: CurrentUser) -> dict[str, Any]:
 pages = APIRouter(include_in_schema=False)
 
 
+def _live(ctx: ConsoleContext) -> dict[str, Any]:
+    """What every signed-in page needs for the live feed. The feed position is read first:
+    an alert committed after it is then replayed to the page, never lost between the two."""
+    last = queries.last_event_id(ctx.reads)
+    return {"last_event_id": last, "alerts": ctx.alerts.list(state="open")}
+
+
 def _page(request: Request, name: str, user: Principal | None, **context: Any) -> HTMLResponse:
     return templates.TemplateResponse(
         request,
@@ -259,19 +267,14 @@ async def logout(request: Request, user: CurrentUser) -> Response:
 
 @pages.get("/")
 def live_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
-    return _page(
-        request,
-        "live.html",
-        user,
-        series=queries.recent_series(ctx.reads, 100),
-        total=queries.count_series(ctx.reads),
-        alerts=ctx.alerts.list(state="open"),
-        last_event_id=queries.last_event_id(ctx.reads),
-    )
+    live = _live(ctx)
+    return _page(request, "live.html", user, series=queries.recent_series(ctx.reads, 100),
+                 total=queries.count_series(ctx.reads), **live)  # fmt: skip
 
 
 @pages.get("/series/{series_uid}")
 def series_page(series_uid: str, request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
+    live = _live(ctx)
     try:
         series = queries.series_detail(ctx.reads, series_uid)
     except queries.SeriesNotFound as exc:
@@ -286,34 +289,32 @@ def series_page(series_uid: str, request: Request, ctx: Ctx, user: CurrentUser) 
         s=series,
         ratings=ratings,
         my_ratings=mine,
-        alerts=ctx.alerts.list(state="open"),
         history=ctx.alerts.list(series_uid=series_uid),
-        last_event_id=queries.last_event_id(ctx.reads),
+        **live,
     )
 
 
 @pages.get("/alerts")
 def alerts_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
-    return _page(request, "alerts.html", user, history=ctx.alerts.list(limit=500),
-                 alerts=ctx.alerts.list(state="open"),
-                 last_event_id=queries.last_event_id(ctx.reads))  # fmt: skip
+    live = _live(ctx)
+    return _page(request, "alerts.html", user, history=ctx.alerts.list(limit=500), **live)
 
 
 @pages.get("/agreement")
 def agreement_page(
     request: Request, ctx: Ctx, user: CurrentUser, level: Literal["slice", "series"] = "slice"
 ) -> HTMLResponse:
+    live = _live(ctx)
     return _page(request, "agreement.html", user, report=ctx.ratings.agreement(level),
-                 level=level, alerts=ctx.alerts.list(state="open"),
-                 last_event_id=queries.last_event_id(ctx.reads))  # fmt: skip
+                 level=level, **live)  # fmt: skip
 
 
 @pages.get("/admin/webhooks")
 def webhooks_page(request: Request, ctx: Ctx, user: Admin) -> HTMLResponse:
+    live = _live(ctx)
     return _page(request, "webhooks.html", user,
                  deliveries=ctx.outbox.deliveries() if ctx.outbox else [],
-                 webhooks=ctx.settings.webhooks, alerts=ctx.alerts.list(state="open"),
-                 last_event_id=queries.last_event_id(ctx.reads))  # fmt: skip
+                 webhooks=ctx.settings.webhooks, **live)  # fmt: skip
 
 
 def _local(target: str) -> str:
@@ -329,6 +330,7 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(live.start_at_latest)
         task = asyncio.create_task(live.run())
         yield
         task.cancel()
@@ -379,7 +381,8 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
     async def login_required(request: Request, exc: LoginRequired) -> Response:
         wants_page = request.method == "GET" and "text/html" in request.headers.get("accept", "")
         if wants_page and not request.url.path.startswith("/api/"):
-            return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
         return JSONResponse({"detail": "authentication required"}, 401,
                             headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 

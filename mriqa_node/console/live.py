@@ -15,10 +15,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Event, Series, SeriesState
+from mriqa_node.services.feed import FeedCursor
 from mriqa_node.services.intake import now_utc
 from mriqa_node.services.queries import DISPLAY_STATE
 
@@ -37,20 +38,26 @@ class LiveFeed:
         self.reads = reads
         self.poll_seconds = poll_seconds
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._last_id: int | None = None
+        self._cursor: FeedCursor | None = None
         self._progress_since: datetime | None = None
+
+    def start_at_latest(self) -> None:
+        """Begin after the newest event; pages catch up from their own Last-Event-ID."""
+        with self.reads() as session:
+            self._cursor = FeedCursor(session.scalar(select(func.max(Event.id))) or 0)
 
     # -- reading the database (in a worker thread) ---------------------------------------------
 
     def _read(self) -> list[dict[str, Any]]:
         now = now_utc()
+        if self._cursor is None:
+            self.start_at_latest()
         with self.reads() as session:
-            if self._last_id is None:
-                self._last_id = session.scalar(select(Event.id).order_by(Event.id.desc())) or 0
             events = session.scalars(
-                select(Event).where(Event.id > self._last_id).order_by(Event.id).limit(500)
+                select(Event).where(Event.id > self._cursor.low).order_by(Event.id).limit(500)
             ).all()
-            messages = [_event_message(e) for e in events]
+            new = set(self._cursor.accept(e.id for e in events))
+            messages = [_event_message(e) for e in events if e.id in new]
             # Overlap the windows: a row stamped just before our last read may commit after it.
             since = (self._progress_since or now) - PROGRESS_OVERLAP
             moving = session.execute(
@@ -58,8 +65,6 @@ class LiveFeed:
                        Series.expected_slices, Series.state)
                 .where(Series.last_received_at >= since)
             ).all()  # fmt: skip
-        if events:
-            self._last_id = events[-1].id
         self._progress_since = now
         messages += [
             {"kind": "progress", "series_uid": uid, "payload": {
@@ -81,32 +86,30 @@ class LiveFeed:
     async def run(self) -> None:
         """Poll until cancelled; a database hiccup is logged and the poll goes on."""
         while True:
-            if self._subscribers or self._last_id is None:
-                try:
-                    for message in await anyio.to_thread.run_sync(self._read):
-                        for queue in list(self._subscribers):
-                            with contextlib.suppress(asyncio.QueueFull):
-                                queue.put_nowait(message)
-                except Exception:
-                    log.exception("live feed poll failed; retrying")
-                    await asyncio.sleep(1.0)
-            else:  # nobody listening: only keep the cursor fresh
-                self._last_id = None
+            try:
+                for message in await anyio.to_thread.run_sync(self._read):
+                    for queue in list(self._subscribers):
+                        with contextlib.suppress(asyncio.QueueFull):
+                            queue.put_nowait(message)
+            except Exception:
+                log.exception("live feed poll failed; retrying")
+                await asyncio.sleep(1.0)
             await asyncio.sleep(self.poll_seconds)
 
     async def subscribe(self, after: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Messages for one page: first what it missed (``after``: its Last-Event-ID)."""
+        """Messages for one page: first what it missed (``after``: its Last-Event-ID), then the
+        live ones. Subscribed before the catch-up read, so nothing falls between the two."""
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
         self._subscribers.add(queue)
         try:
-            seen = after or 0
+            sent: set[int] = set()
             if after is not None:
                 for message in await anyio.to_thread.run_sync(self.replay, after):
-                    seen = message["id"]
+                    sent.add(message["id"])
                     yield message
             while True:
                 message = await queue.get()
-                if message.get("id") is None or message["id"] > seen:
+                if message.get("id") is None or message["id"] not in sent:
                     yield message
         finally:
             self._subscribers.discard(queue)

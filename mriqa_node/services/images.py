@@ -100,7 +100,10 @@ class SliceImages:
         sha = json.loads((path / "model.json").read_text()).get("sha256")
         with self._mapper_lock:
             if self._mapper is None or self._mapper.sha256 != sha:
-                self._mapper = HeatMapper(path)
+                mapper = HeatMapper(path)
+                size = mapper.meta.input_size  # trace once here, not in each waiting request
+                mapper.heat_maps(np.zeros((1, size, size, 1), np.float32))
+                self._mapper = mapper
             return self._mapper
 
     @staticmethod

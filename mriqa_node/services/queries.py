@@ -125,7 +125,7 @@ def series_detail(sessions: sessionmaker[Session], series_uid: str) -> dict[str,
         row["verdicts"] = [_verdict(v) for v in series.verdicts]
         row["model"] = (
             {"name": model.name, "version": model.version, "task": model.task,
-             "class_names": model.meta.get("class_names")}
+             "sha256": model.sha256, "class_names": model.meta.get("class_names")}
             if model else None
         )  # fmt: skip
         row["study_description"] = series.study.study_description

@@ -121,7 +121,9 @@ function refreshSeries() {
   if (body.dataset.page !== "live" || refreshTimer) return;
   refreshTimer = setTimeout(async () => {
     refreshTimer = null;
-    const { items } = await api("GET", "/api/series?limit=100");
+    const { items, total } = await api("GET", "/api/series?limit=100");
+    const count = document.querySelector("h1 small");
+    if (count) count.textContent = total > items.length ? `${total} in all, newest ${items.length} shown` : `${total} in all`;
     const rows = items.map((r) => {
       const label = r.label ? el("span", { class: `badge badge-${r.label}` }, r.label.replace("_", "-")) : "";
       const slices = r.expected_slices ? `${r.slices} / ${r.expected_slices}` : `${r.slices}`;
@@ -141,7 +143,16 @@ const status = document.getElementById("live-status");
 if (alertsBox) {
   const stream = new EventSource(`/api/events?after=${body.dataset.lastEventId || 0}`);
   stream.onopen = () => status && (status.className = "live-on");
-  stream.onerror = () => status && (status.className = "live-off");
+  stream.onerror = () => {
+    if (status) status.className = "live-off";
+    // The browser retries a dropped connection by itself, but not a refused one (session
+    // expired, proxy error): say so loudly, then reload (to the login page if need be).
+    if (stream.readyState === EventSource.CLOSED) {
+      alertsBox.prepend(el("section", { class: "alert-banner", role: "alert" },
+        el("strong", {}, "Live alerts stopped. "), "Reconnecting..."));
+      setTimeout(() => location.reload(), 3000);
+    }
+  };
   const on = (kind, handler) => stream.addEventListener(kind, (e) => {
     window.mriqa.events += 1;
     handler(JSON.parse(e.data));
@@ -154,7 +165,8 @@ if (alertsBox) {
 // -- series page: viewer, heat maps, ratings -----------------------------------------------
 const grid = document.getElementById("slices");
 if (grid) {
-  const seriesUid = document.querySelector(".series-head").dataset.seriesUid;
+  const head = document.querySelector(".series-head");
+  const seriesUid = head.dataset.seriesUid;
   const heat = document.getElementById("show-heat");
   const viewer = document.getElementById("viewer");
   heat.addEventListener("change", () => {
@@ -175,7 +187,7 @@ if (grid) {
     if (!e.target.closest(".pic")) return;
     const [img, overlay] = viewer.querySelectorAll("img");
     img.src = `${base}/image.png?size=512`;
-    overlay.src = figure.querySelector(".heat") ? `${base}/heatmap.png?size=512` : "";
+    overlay.src = figure.querySelector(".heat") ? `${base}/heatmap.png?size=512&v=${head.dataset.heatVersion}` : "";
     overlay.hidden = !figure.querySelector(".heat");
     viewer.querySelector(".caption").textContent = figure.querySelector("figcaption").textContent.replace(/\s+/g, " ");
     viewer.showModal();
