@@ -17,6 +17,9 @@ SUFFIX = ".dcm"
 TMP_SUFFIX = ".part"
 
 
+QA_DIR = "qa"
+
+
 class SpoolError(OSError):
     """The instance could not be kept (disk full, read-only, ...)."""
 
@@ -34,6 +37,11 @@ class Spool:
             if not _UID_RE.match(uid):
                 raise ValueError(f"not a valid DICOM UID: {uid!r}")
         return f"{study_uid}/{series_uid}/{sop_uid}{SUFFIX}"
+
+    def qa_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """Where a QA object the node made for the PACS lives (kept apart from received ones:
+        never re-ingested, never scored)."""
+        return f"{QA_DIR}/{self.relpath(study_uid, series_uid, sop_uid)}"
 
     def path(self, relpath: str) -> Path:
         return self.root / relpath
@@ -83,7 +91,9 @@ class Spool:
             if path.name.endswith(TMP_SUFFIX):
                 path.unlink(missing_ok=True)
             elif path.is_file() and path.suffix == SUFFIX:
-                yield path.relative_to(self.root).as_posix()
+                relpath = path.relative_to(self.root).as_posix()
+                if not relpath.startswith(f"{QA_DIR}/"):
+                    yield relpath
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -85,6 +85,12 @@ class Role(enum.StrEnum):
     admin = "admin"
 
 
+class ForwardState(enum.StrEnum):
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"  # the destination refused it for good (or the last retry passed)
+
+
 class DeliveryState(enum.StrEnum):
     pending = "pending"
     delivered = "delivered"
@@ -131,6 +137,9 @@ class Series(Base):
     released_at: Mapped[datetime | None]  # the sending association ended (a completion hint)
     completed_at: Mapped[datetime | None]
     decided_at: Mapped[datetime | None]
+    # Rejected for quality reasons (an IOCM rejection note went to the PACS destinations).
+    rejected_at: Mapped[datetime | None]
+    rejected_by: Mapped[str | None] = mapped_column(String(100))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -336,3 +345,33 @@ class Cursor(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ForwardJob(Base):
+    """Outbox for C-STOREs to a PACS destination: a received instance or a QA object the node
+    made (rejection note, SR, montage). One row per (destination, SOP instance); sent in id
+    order per destination, retried until sent."""
+
+    __tablename__ = "forward_job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # instance, kos, sr, montage
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    series_uid: Mapped[str] = mapped_column(UID)
+    spool_path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
+    state: Mapped[ForwardState] = mapped_column(_enum(ForwardState), default=ForwardState.pending)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claim_expires_at: Mapped[datetime | None]
+    last_status: Mapped[int | None]  # DIMSE status of the last attempt
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid", name="uq_forward_destination_sop"),
+        Index("ix_forward_due", "destination", "state", "id"),
+    )

@@ -7,7 +7,7 @@ scanner may be told Success. Any exception means it is not, and the scanner must
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -16,8 +16,18 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from mriqa_node.db.models import Event, Instance, InstanceState, Series, SeriesState, Study
+from mriqa_node.db.models import (
+    Event,
+    ForwardJob,
+    ForwardState,
+    Instance,
+    InstanceState,
+    Series,
+    SeriesState,
+    Study,
+)
 from mriqa_node.domain.records import InstanceHeader
+from mriqa_node.domain.routing import ForwardRule, destinations_for
 from mriqa_node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -67,10 +77,14 @@ class Intake:
         sessions: sessionmaker[Session],
         spool: Spool,
         on_work: Callable[[], None] = lambda: None,
+        routes: Sequence[ForwardRule] = (),
+        on_forward: Callable[[], None] = lambda: None,
     ) -> None:
         self.sessions = sessions
         self.spool = spool
         self.on_work = on_work  # wakes an in-process worker
+        self.routes = list(routes)  # PACS destinations that get what we receive
+        self.on_forward = on_forward  # wakes an in-process forwarder
         self._series_ids: dict[str, int] = {}
 
     def store(
@@ -124,6 +138,16 @@ class Intake:
                 return StoreOutcome.duplicate
             before_commit()
             self._count(session, series_id, header, now)
+            # In the same transaction: an instance kept is an instance that will be forwarded.
+            targets = destinations_for(
+                self.routes, calling_aet, header.modality, header.series_description
+            )
+            h = header
+            for destination in targets:
+                enqueue_forward(session, destination, "instance", h.sop_class_uid,
+                                h.sop_instance_uid, h.series_uid, relpath, now)  # fmt: skip
+        if targets:
+            self.on_forward()
         return StoreOutcome.stored
 
     def _series_id(
@@ -226,3 +250,20 @@ def mark_complete(
         )
         log.info("series %s complete (%s)", series_uid, why)
     return bool(done)
+
+
+def enqueue_forward(
+    session: Session,
+    destination: str,
+    kind: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    series_uid: str,
+    spool_path: str,
+    now: datetime,
+) -> None:
+    """Queue a C-STORE of a spooled file to a destination (once per SOP instance)."""
+    _insert_ignore(session, ForwardJob, destination=destination, kind=kind,
+                   sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                   series_uid=series_uid, spool_path=spool_path, state=ForwardState.pending,
+                   attempts=0, next_attempt_at=now, created_at=now)  # fmt: skip
