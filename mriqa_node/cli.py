@@ -99,6 +99,7 @@ def _start(node, **parts: bool) -> None:
 def status(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Recent series with their state and verdict."""
     from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.services.forwarding import ForwardQueue
     from mriqa_node.services.queries import recent_series
     from mriqa_node.services.scoring import WorkQueue
 
@@ -108,12 +109,19 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
     try:
         rows = recent_series(sessions, limit)
         depth = WorkQueue(sessions).depth()
+        forwarding = ForwardQueue(sessions).summary()
     except Exception as exc:
         raise click.ClickException(f"cannot read the database: {exc}") from exc
     if as_json:
-        click.echo(json.dumps({"queue_depth": depth, "series": rows}, indent=2))
+        out = {"queue_depth": depth, "forwarding": forwarding, "series": rows}
+        click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"queue: {depth} instance(s) waiting for a score")
+    for f in forwarding:
+        oldest = f" (oldest pending since {f['oldest_pending']})" if f["oldest_pending"] else ""
+        error = f"; last error: {f['last_error']}" if f["last_error"] and f["pending"] else ""
+        click.echo(f"forward to {f['destination']}: {f['pending']} pending{oldest}, "
+                   f"{f['sent']} sent, {f['failed']} failed{error}")  # fmt: skip
     header = (
         f"{'series':<40} {'description':<22} {'inst':>4} {'state':<9} {'verdict':<14} score  worst"
     )
@@ -126,6 +134,44 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
             f" {r['instances']:>4} {r['state']:<9} {r['label'] or '-':<14} {score:>5}"
             f"  {','.join(map(str, r['worst_slices'])) or '-'}"
         )
+
+
+@main.command()
+@click.argument("series_uid")
+@click.option("--by", default=None, help="Who rejects it (default: the login name).")
+@click.pass_context
+def reject(ctx: click.Context, series_uid: str, by: str | None) -> None:
+    """Reject a series for quality reasons: an IOCM rejection note (KOS 113001) is queued for
+    the PACS destinations; the running node sends it."""
+    from mriqa_node.db import migrate
+    from mriqa_node.node import Node
+    from mriqa_node.services.pacs import NotRejectable
+
+    settings = _settings(ctx)
+    node = Node(settings)  # its services only: nothing is started
+    try:
+        migrate.upgrade(node.engine)
+        kos = node.pacs_publisher().reject(series_uid, by or _login_name())
+    except NotRejectable as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        node.stop()
+    if kos is None:
+        click.echo(f"series {series_uid} was already rejected")
+    elif settings.pacs.destinations:
+        names = ", ".join(d.name for d in settings.pacs.destinations if d.send_kos)
+        click.echo(f"series {series_uid} rejected; rejection note {kos} queued for {names}")
+    else:
+        click.echo(f"series {series_uid} rejected (no PACS destination configured)")
+
+
+def _login_name() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except OSError:
+        return "cli"
 
 
 def _ellipsis(text: str, width: int) -> str:
@@ -381,6 +427,269 @@ def demo(ctx: click.Context, n_series: int, slices: int, keep_running: bool) -> 
     settings = _settings(ctx)
     setup_logging(settings.logging.level)
     run_demo(settings, n_series, slices, keep_running, threading.Event())
+
+
+# -- PACS query/retrieve ---------------------------------------------------------------------
+
+
+@main.group(name="pacs")
+def pacs_group() -> None:
+    """Query the PACS ([pacs.query]) and pull studies into the node for retrospective QA.
+
+    The PACS must know this node: its AE title ([dicom] ae_title), host and DICOM port, both
+    to answer queries from it and to send it what `pacs pull` asks for. The node must allow
+    the PACS's AE title as a caller ([dicom] allowed_calling_aets).
+    """
+
+
+def _pacs_setup(ctx: click.Context):
+    """Settings and the query peer; a clear error when [pacs.query] is missing."""
+    settings = _settings(ctx)
+    setup_logging("WARNING")
+    # pynetdicom logs connection failures (and TLS tracebacks) on its own; QRError says it all.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    peer = settings.pacs.query
+    if peer is None:
+        raise click.ClickException(
+            "no PACS to query: add a [pacs.query] table (ae_title, host, port) to the"
+            " configuration, and register this node's AE title"
+            f" ({settings.dicom.ae_title}), host and DICOM port on that PACS"
+        )
+    return settings, peer
+
+
+_DATE = click.DateTime(formats=["%Y-%m-%d"])
+
+
+def _dicom_date(value: str | None) -> str:
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if value and len(value) == 8 else value or "-"
+
+
+@pacs_group.command("find")
+@click.option(
+    "--level",
+    type=click.Choice(["study", "series"], case_sensitive=False),
+    default="study",
+    show_default=True,
+)
+@click.option("--from", "date_from", type=_DATE, default=None, help="Study date on or after.")
+@click.option("--to", "date_to", type=_DATE, default=None, help="Study date on or before.")
+@click.option(
+    "--modality",
+    default="MR",
+    show_default=True,
+    help="Modality (in study, or of the series); '*' for any.",
+)
+@click.option(
+    "--description",
+    default=None,
+    help="Study (--level study) or series description; wildcards * and ?, case-sensitive.",
+)
+@click.option("--study", "study_uid", default=None, help="Study Instance UID.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def pacs_find(
+    ctx: click.Context,
+    level: str,
+    date_from,
+    date_to,
+    modality: str,
+    description: str | None,
+    study_uid: str | None,
+    as_json: bool,
+) -> None:
+    """Find studies or series on the PACS (C-FIND). No patient names or IDs are shown."""
+    from mriqa_node.dicom.qr import QRError, find
+
+    settings, peer = _pacs_setup(ctx)
+    try:
+        rows = find(
+            peer,
+            settings.dicom.ae_title,
+            level.upper(),
+            date_from=date_from.date() if date_from else None,
+            date_to=date_to.date() if date_to else None,
+            modality=None if modality in ("", "*") else modality,
+            description=description or None,
+            study_uid=study_uid,
+        )
+    except (QRError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if level.lower() == "study":
+        click.echo(
+            f"{'date':<10} {'time':<6} {'modalities':<10} {'ser':>3} {'inst':>5}"
+            f" {'accession':<16} {'description':<24} study"
+        )
+        for r in rows:
+            click.echo(
+                f"{_dicom_date(r['StudyDate']):<10} {(r['StudyTime'] or '-')[:6]:<6}"
+                f" {_ellipsis(','.join(r['ModalitiesInStudy']) or '-', 10):<10}"
+                f" {_count(r['NumberOfStudyRelatedSeries']):>3}"
+                f" {_count(r['NumberOfStudyRelatedInstances']):>5}"
+                f" {_ellipsis(r['AccessionNumber'] or '-', 16):<16}"
+                f" {_ellipsis(r['StudyDescription'] or '-', 24):<24} {r['StudyInstanceUID']}"
+            )
+    else:
+        click.echo(f"{'study':<40} {'no':>4} {'mod':<4} {'inst':>5} {'description':<24} series")
+        for r in rows:
+            click.echo(
+                f"{_ellipsis(r['StudyInstanceUID'] or '-', 40):<40}"
+                f" {_count(r['SeriesNumber']):>4} {r['Modality'] or '-':<4}"
+                f" {_count(r['NumberOfSeriesRelatedInstances']):>5}"
+                f" {_ellipsis(r['SeriesDescription'] or '-', 24):<24} {r['SeriesInstanceUID']}"
+            )
+    click.echo(f"{len(rows)} {level.lower()} match(es)", err=True)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+@pacs_group.command("pull")
+@click.argument("study_uid")
+@click.option("--series", "series_uid", default=None, help="Only this series of the study.")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait until the node has decided every pulled series, and print the verdicts.",
+)
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait (--wait).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def pacs_pull(
+    ctx: click.Context,
+    study_uid: str,
+    series_uid: str | None,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """C-MOVE a study (or one series) from the PACS to this node's AE title.
+
+    The running node (`mriqa serve`) receives it like a scanner send and scores it; with
+    --wait this polls the node's database until each pulled series has a verdict."""
+    from mriqa_node.dicom.qr import QRError, find, move
+
+    settings, peer = _pacs_setup(ctx)
+    our_aet = settings.dicom.ae_title
+    try:
+        listed = find(peer, our_aet, "SERIES", study_uid=study_uid, modality=None)
+    except QRError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if series_uid is not None:
+        listed = [s for s in listed if s["SeriesInstanceUID"] == series_uid]
+    if not listed:
+        what = f"series {series_uid} of study {study_uid}" if series_uid else f"study {study_uid}"
+        raise click.ClickException(f"{what} not found on {peer.ae_title}: nothing to pull")
+    # The node keeps MR images only: from a mixed study, pull the MR series one by one.
+    skipped = [] if series_uid else [s for s in listed if s["Modality"] != "MR"]
+    listed = [s for s in listed if s not in skipped]
+    if not listed:
+        raise click.ClickException(f"study {study_uid} has no MR series: nothing to pull")
+    expected = sum(s["NumberOfSeriesRelatedInstances"] or 0 for s in listed)
+    if not as_json:
+        click.echo(
+            f"pulling {len(listed)} series ({expected} instance(s)) of study {study_uid}"
+            f" from {peer.ae_title} to {our_aet}"
+        )
+        for s in skipped:
+            click.echo(f"skipping {s['Modality'] or '?'} series {s['SeriesInstanceUID']}")
+    moves = [series_uid] if series_uid or not skipped else [s["SeriesInstanceUID"] for s in listed]
+    try:
+        results = [move(peer, our_aet, our_aet, study_uid, uid) for uid in moves]
+    except QRError as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = results[0]
+    for other in results[1:]:
+        result.status = result.status or other.status  # the first non-success, if any
+        result.completed += other.completed
+        result.failed += other.failed
+        result.warning += other.warning
+        result.failed_sop_instance_uids += other.failed_sop_instance_uids
+    if not as_json:
+        click.echo(
+            f"moved: {result.completed} completed, {result.failed} failed,"
+            f" {result.warning} warning (status 0x{result.status:04X})"
+        )
+    if result.completed + result.warning == 0:
+        raise click.ClickException(
+            f"nothing was moved: {peer.ae_title} sent no instance of study {study_uid}"
+        )
+    rows: list[dict] = []
+    if wait:
+        rows = _wait_for_verdicts(settings, [s["SeriesInstanceUID"] for s in listed], timeout)
+    if as_json:
+        out = {"study_uid": study_uid, "move": result.as_dict(), "series": rows}
+        click.echo(json.dumps(out, indent=2))
+    elif rows:
+        click.echo(
+            f"{'series':<40} {'description':<22} {'inst':>4} {'state':<12} {'verdict':<14} score"
+        )
+        for r in rows:
+            score = f"{r['score']:.2f}" if r.get("score") is not None else "-"
+            click.echo(
+                f"{_ellipsis(r['series_uid'], 40):<40}"
+                f" {_ellipsis(r.get('series_description') or '-', 22):<22}"
+                f" {r.get('instances', 0):>4} {r['state']:<12} {r.get('label') or '-':<14}"
+                f" {score}"
+            )
+    undecided = [r for r in rows if r["state"] != "decided"]
+    if result.failed or undecided:
+        problems = []
+        if result.failed:
+            problems.append(f"{result.failed} instance(s) failed to move")
+        if undecided:
+            problems.append(f"{len(undecided)} series without a verdict")
+        raise click.ClickException("; ".join(problems))
+
+
+_PULLED_KEYS = (
+    "series_uid",
+    "series_number",
+    "series_description",
+    "instances",
+    "expected_slices",
+    "state",
+    "label",
+    "score",
+    "worst_slices",
+    "decided_at",
+)
+
+
+def _wait_for_verdicts(settings: Settings, series_uids: list[str], timeout: float) -> list[dict]:
+    """Each series as the node has it once all received ones are decided (or at timeout);
+    a series the node never received comes back with state "not_received"."""
+    import time
+
+    from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.services.queries import SeriesNotFound, series_detail
+
+    engine = make_engine(settings.storage.database_url, readonly=True)
+    sessions = make_sessionmaker(engine)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            rows = []
+            for uid in series_uids:
+                try:
+                    detail = series_detail(sessions, uid)
+                except SeriesNotFound:
+                    rows.append({"series_uid": uid, "state": "not_received"})
+                    continue
+                rows.append({k: detail[k] for k in _PULLED_KEYS})
+            received = [r for r in rows if r["state"] != "not_received"]
+            if all(r["state"] == "decided" for r in received) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.5)
+    except Exception as exc:
+        raise click.ClickException(f"cannot read the node database: {exc}") from exc
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from mriqa_node.db.models import Instance
 from mriqa_node.dicom.headers import InvalidInstance, parse_header
 from mriqa_node.dicom.scp import StoreSCP
 from mriqa_node.domain.completion import CompletionRule
+from mriqa_node.domain.routing import ForwardRule
 from mriqa_node.ml.artifact import untrained_convnet_artifact
 from mriqa_node.ml.store import ModelStore
 from mriqa_node.services.intake import Intake
@@ -49,6 +50,15 @@ def resolve_model(settings: Settings) -> Path:
     return fallback
 
 
+def forward_rules(settings: Settings) -> list[ForwardRule]:
+    """The forwarding rules of the destinations that get received instances."""
+    return [
+        ForwardRule(d.name, frozenset(d.calling_aets), frozenset(m.upper() for m in d.modalities),
+                    d.series_description, own_aet=d.ae_title)
+        for d in settings.pacs.destinations if d.forward
+    ]  # fmt: skip
+
+
 class Node:
     """One process of the node: any of receiver, worker and monitor, on one database."""
 
@@ -60,7 +70,14 @@ class Node:
         self.reads = make_sessionmaker(self.read_engine)
         self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
         self.work_available = threading.Event()
-        self.intake = Intake(self.sessions, self.spool, on_work=self.work_available.set)
+        self.forward_available = threading.Event()
+        self.intake = Intake(
+            self.sessions,
+            self.spool,
+            on_work=self.work_available.set,
+            routes=forward_rules(settings),
+            on_forward=self.forward_available.set,
+        )
         self.series = SeriesService(
             self.sessions,
             CompletionRule(settings.series.idle_seconds, settings.series.release_grace_seconds),
@@ -120,6 +137,9 @@ class Node:
             self._spawn("series-monitor", self._monitor)
             if self.settings.webhooks:
                 self._spawn("webhooks", lambda: self._webhook_outbox().run(self.stopping))
+            if self.settings.pacs.destinations:
+                self._spawn("forwarder", lambda: self._forwarder().run(self.stopping))
+                self._spawn("pacs-publisher", lambda: self.pacs_publisher().run(self.stopping))
         if console:
             self.console = self._make_console()
             self.console.start()
@@ -134,11 +154,41 @@ class Node:
         s = self.settings
         return WebhookOutbox(self.sessions, self.reads, s.webhooks, s.console.url, process)
 
+    def _forwarder(self):
+        from mriqa_node.dicom.forward import StoreSender
+        from mriqa_node.services.forwarding import Forwarder, ForwardQueue
+
+        return Forwarder(
+            ForwardQueue(self.sessions, self.reads),
+            self.settings.pacs.destinations,
+            StoreSender(self.spool, self.settings.dicom.ae_title),
+            worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            wake=self.forward_available,
+        )
+
+    def pacs_publisher(self):
+        """Rejection notes and QA results for the PACS destinations, from the event feed."""
+        from mriqa_node.services.pacs import PacsPublisher
+
+        pacs = self.settings.pacs
+        montage = None
+        if any(d.send_montage for d in pacs.destinations):
+            montage = self._slice_images().montage
+        return PacsPublisher(self.sessions, self.reads, self.spool, pacs.destinations,
+                             self.settings.dicom.ae_title, pacs.reject_on_non_diagnostic,
+                             montage, on_queued=self.forward_available.set)  # fmt: skip
+
+    def _slice_images(self):
+        from mriqa_node.services.images import SliceImages
+
+        return SliceImages(self.reads, self.spool, self.settings.console.cache_dir,
+                           lambda: resolve_model(self.settings))  # fmt: skip
+
     def _make_console(self):
         from mriqa_node.console.app import ConsoleContext, create_app, load_session_secret
         from mriqa_node.console.server import ConsoleServer
         from mriqa_node.services.alerts import AlertService
-        from mriqa_node.services.images import SliceImages
+        from mriqa_node.services.forwarding import ForwardQueue
         from mriqa_node.services.ratings import RatingService
         from mriqa_node.services.users import UserService
 
@@ -149,10 +199,11 @@ class Node:
             users=UserService(self.sessions, self.reads),
             alerts=AlertService(self.sessions, self.reads),
             ratings=RatingService(self.sessions, self.reads),
-            images=SliceImages(
-                self.reads, self.spool, cfg.cache_dir, lambda: resolve_model(self.settings)
-            ),
+            images=self._slice_images(),
             outbox=self._webhook_outbox() if self.settings.webhooks else None,
+            forwarding=ForwardQueue(self.sessions, self.reads)
+            if self.settings.pacs.destinations
+            else None,
         )
         return ConsoleServer(create_app(ctx, load_session_secret(cfg.secret_file)), cfg)
 

@@ -213,7 +213,7 @@ def test_cli_status_json_on_an_empty_database(tmp_path: Path) -> None:
     assert invoke("--config", str(cfg), "db", "upgrade").exit_code == 0
     result = invoke("--config", str(cfg), "status", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"queue_depth": 0, "series": []}
+    assert json.loads(result.stdout) == {"queue_depth": 0, "forwarding": [], "series": []}
     text = invoke("--config", str(cfg), "status")
     assert text.exit_code == 0 and "queue: 0 instance(s)" in text.stdout
 

@@ -99,7 +99,8 @@ def test_every_route_needs_authentication(console: Console) -> None:
         ("GET", f"/api/series/{uid}/slices/1/0/heatmap.png"),
         ("GET", "/api/alerts?state=open"), ("POST", f"/api/alerts/{c.alert_id}/ack"),
         ("GET", f"/api/series/{uid}/ratings"), ("POST", "/api/ratings"), ("GET", "/api/agreement"),
-        ("GET", "/api/webhooks/deliveries"), ("GET", "/api/events"), ("GET", "/api/openapi.json"),
+        ("GET", "/api/webhooks/deliveries"), ("GET", "/api/forwarding"), ("GET", "/api/events"),
+        ("GET", "/api/openapi.json"), ("GET", "/admin/forwarding"),
         ("GET", "/metrics"), ("GET", "/"), ("GET", f"/series/{uid}"), ("GET", "/alerts"),
         ("GET", "/agreement"), ("GET", "/admin/webhooks"), ("POST", "/logout"),
     ]  # fmt: skip
@@ -226,14 +227,16 @@ def test_ratings_and_agreement(console: Console) -> None:
     assert series["counts"] == {"radiologist": 1}
 
 
-def test_webhook_deliveries_are_for_admins(console: Console) -> None:
+def test_outbound_state_is_for_admins(console: Console) -> None:
     c = console
-    url = "/api/webhooks/deliveries"
-    assert c.client.get(url, headers=c.as_("technologist")).status_code == 403
-    assert c.client.get(url, headers=c.as_("radiologist")).status_code == 403
-    assert c.client.get(url, headers=c.as_("admin")).json() == []  # none configured
+    for url, empty in (("/api/webhooks/deliveries", []),
+                       ("/api/forwarding", {"destinations": [], "jobs": []})):  # fmt: skip
+        assert c.client.get(url, headers=c.as_("technologist")).status_code == 403
+        assert c.client.get(url, headers=c.as_("radiologist")).status_code == 403
+        assert c.client.get(url, headers=c.as_("admin")).json() == empty  # none configured
     login(c, "technologist")
     assert c.client.get("/admin/webhooks").status_code == 403
+    assert c.client.get("/admin/forwarding").status_code == 403
 
 
 def test_metrics(console: Console) -> None:

@@ -54,6 +54,10 @@ def test_rules_pick_destinations() -> None:
     assert destinations_for(rules, "MR1", "MR", "T2 FSE AX") == ["all", "mr1-only", "t2"]
     assert destinations_for(rules, "MR2", "MR", "T1 SE") == ["all"]
     assert destinations_for(rules, None, "CT", "t2 axial") == ["all"]
+    back = [ForwardRule("pacs", own_aet="PACS")]  # a study pulled from the PACS stays here
+    assert destinations_for(back, "PACS", "MR", "") == [] and destinations_for(
+        back, "MR1", "MR", ""
+    )
 
 
 def test_intake_queues_each_new_instance_for_matching_destinations(env: Env) -> None:

@@ -34,6 +34,7 @@ from mriqa_node.console.metrics import registry_for
 from mriqa_node.db.models import AckAction
 from mriqa_node.services import queries
 from mriqa_node.services.alerts import AlertConflict, AlertNotFound, AlertService
+from mriqa_node.services.forwarding import ForwardQueue
 from mriqa_node.services.images import SliceImages, SliceNotFound
 from mriqa_node.services.ratings import Forbidden, NotFound, RatingError, RatingService
 from mriqa_node.services.users import ACK_ROLES, ADMIN_ROLES, RATE_ROLES, Principal, UserService
@@ -55,6 +56,7 @@ class ConsoleContext:
     ratings: RatingService
     images: SliceImages
     outbox: Any = None  # WebhookOutbox when webhooks are configured
+    forwarding: ForwardQueue | None = None  # the PACS forwarding outbox, when configured
 
 
 def _ctx(request: Request) -> ConsoleContext:
@@ -195,6 +197,20 @@ def webhook_deliveries(
     return ctx.outbox.deliveries(state=state) if ctx.outbox else []
 
 
+@api.get("/forwarding")
+def forwarding(
+    ctx: Ctx,
+    user: Admin,
+    state: Literal["pending", "sent", "failed"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """PACS forwarding: per destination counts and the newest jobs (instances, QA objects)."""
+    if ctx.forwarding is None:
+        return {"destinations": [], "jobs": []}
+    return {"destinations": ctx.forwarding.summary(),
+            "jobs": ctx.forwarding.jobs(limit=limit, state=state)}  # fmt: skip
+
+
 @api.get("/events", response_class=EventSourceResponse)
 async def events(
     request: Request, user: CurrentUser, after: int | None = None
@@ -315,6 +331,14 @@ def webhooks_page(request: Request, ctx: Ctx, user: Admin) -> HTMLResponse:
     return _page(request, "webhooks.html", user,
                  deliveries=ctx.outbox.deliveries() if ctx.outbox else [],
                  webhooks=ctx.settings.webhooks, **live)  # fmt: skip
+
+
+@pages.get("/admin/forwarding")
+def forwarding_page(request: Request, ctx: Ctx, user: Admin) -> HTMLResponse:
+    live = _live(ctx)
+    data = forwarding(ctx, user, state=None, limit=200)
+    return _page(request, "forwarding.html", user, destinations=ctx.settings.pacs.destinations,
+                 summary=data["destinations"], jobs=data["jobs"], **live)  # fmt: skip
 
 
 def _local(target: str) -> str:

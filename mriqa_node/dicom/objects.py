@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -193,7 +193,9 @@ def _new_object(
     """A new instance in a new series of the instances' study, with file meta, SOP Common,
     Patient, General Study, series and General Equipment attributes, and content date/time."""
     src = instances[0]
-    when = when or datetime.now()
+    # All dates and times in UTC, declared once by Timezone Offset From UTC (DCMTK 3.6.7
+    # rejects a DT that carries its own "+0000" offset).
+    when = (when or datetime.now(UTC)).astimezone(UTC)
     sop_uid = generate_uid()
 
     meta = FileMetaDataset()
@@ -239,6 +241,7 @@ def _new_object(
     ds.InstanceNumber = 1
     ds.ContentDate = when.strftime("%Y%m%d")
     ds.ContentTime = when.strftime("%H%M%S")
+    ds.TimezoneOffsetFromUTC = "+0000"
     return ds
 
 
@@ -377,7 +380,8 @@ def _reference_item(
 
 
 def _dicom_datetime(value: Any) -> str | None:
-    """ISO 8601 string or datetime -> DICOM DT; None where absent or unparseable."""
+    """ISO 8601 string or datetime -> DICOM DT in UTC (the object's Timezone Offset From UTC);
+    None where absent or unparseable. A naive value is taken as UTC."""
     if isinstance(value, datetime):
         moment = value
     else:
@@ -385,11 +389,11 @@ def _dicom_datetime(value: Any) -> str | None:
             moment = datetime.fromisoformat(str(value))
         except (TypeError, ValueError):
             return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
     text = moment.strftime("%Y%m%d%H%M%S")
     if moment.microsecond:
         text += f".{moment.microsecond:06d}"
-    if moment.utcoffset() is not None:
-        text += moment.strftime("%z")
     return text
 
 

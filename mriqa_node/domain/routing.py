@@ -14,10 +14,15 @@ class ForwardRule:
     calling_aets: frozenset[str] = field(default_factory=frozenset)
     modalities: frozenset[str] = field(default_factory=frozenset)
     series_description: str = ""  # a regular expression, searched case-insensitively
+    # The destination's own AE title: what it sent us (a study pulled from the PACS) never
+    # goes back to it.
+    own_aet: str = ""
 
     def matches(
         self, calling_aet: str | None, modality: str | None, description: str | None
     ) -> bool:
+        if self.own_aet and calling_aet == self.own_aet:
+            return False
         if self.calling_aets and (calling_aet or "") not in self.calling_aets:
             return False
         if self.modalities and (modality or "").upper() not in self.modalities:

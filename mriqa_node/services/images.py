@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, Series, SliceScore
-from mriqa_node.imaging import heatmap_png, thumbnail_png
+from mriqa_node.imaging import heatmap_png, montage_png, thumbnail_png
 from mriqa_node.preprocess import Unscorable, preprocess
 from mriqa_node.spool import Spool
 
@@ -81,6 +81,21 @@ class SliceImages:
             self.cache_dir / "heat" / mapper.sha256[:16] / f"{instance_id}_{frame}_{size}.png",
             render,
         )
+
+    def montage(self, series_uid: str, columns: int = 6, tile: int = 256, limit: int = 36) -> bytes:
+        """The series' slices in anatomical order with their heat maps, as one PNG (for a
+        Secondary Capture that viewers without SR support can show)."""
+        from mriqa_node.services.queries import series_detail
+
+        scored = [s for s in series_detail(self.reads, series_uid)["slice_list"]
+                  if s["p_nondiagnostic"] is not None][:limit]  # fmt: skip
+        if not scored:
+            raise SliceNotFound(f"series {series_uid} has no scored slice")
+        mapper = self._heat_mapper()
+        tiles = [self._slice(series_uid, s["instance_id"], s["frame"]) for s in scored]
+        heats = mapper.heat_maps(np.stack(tiles)[..., None])
+        faded = [h * s["p_nondiagnostic"] for h, s in zip(heats, scored, strict=True)]
+        return montage_png(tiles, faded, columns, tile)
 
     def _p_nondiagnostic(self, instance_id: int, frame: int) -> float:
         with self.reads() as session:
