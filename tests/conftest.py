@@ -244,3 +244,26 @@ def orthanc(tmp_path: Path) -> Iterator:
     server = Orthanc(tmp_path / "orthanc", free_port(), free_port())
     yield server
     server.stop()
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until ``predicate()`` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not met within {timeout:.0f} s")
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway key and certificate for 127.0.0.1 (openssl)."""
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return key, cert

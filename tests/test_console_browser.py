@@ -7,7 +7,6 @@ On failure the test prints the node's log tail and saves a screenshot next to it
 
 from __future__ import annotations
 
-import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from mriqa_node.db.models import Alert, Series, SeriesVerdict
 from mriqa_node.node import BUNDLED_MODEL
 from mriqa_node.phantom import synth_series, write_series
 from mriqa_node.services.users import UserService
-from tests.conftest import NodeProcess, free_port, storescu, write_config
+from tests.conftest import NodeProcess, free_port, storescu, wait_for, write_config
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
@@ -58,15 +57,6 @@ class Console:
                 return session.execute(statement).all()
         finally:
             engine.dispose()
-
-    def wait(self, predicate, what: str, timeout: float = VERDICT_TIMEOUT, interval: float = 0.2):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
     def send(self, name: str, n: int, motion: float, seed: int, description: str) -> str:
         """Write a phantom series and send it with DCMTK storescu; returns its series UID."""
@@ -265,7 +255,7 @@ def test_roles_and_sign_in_required(console: Console, context, browser, tmp_path
         expect(page.locator("form.login .error")).to_contain_text("Wrong user name or password")
 
     uid = console.send("clean", 4, motion=0.0, seed=22, description="BROWSER CLEAN AX")
-    console.wait(lambda: console.verdict(uid), "a verdict for the clean series")
+    wait_for(lambda: console.verdict(uid), VERDICT_TIMEOUT, what="a verdict for the clean series")
     assert console.verdict(uid).label == "diagnostic"
 
     # A technologist may acknowledge alerts but not rate slices: no rating buttons at all.

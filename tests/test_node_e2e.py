@@ -20,19 +20,9 @@ from sqlalchemy import func, select
 from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Alert, Instance, Series, SeriesVerdict
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import storescu
+from tests.conftest import storescu, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def series_row(db_url: str, series_uid: str) -> tuple[Series | None, list[SeriesVerdict]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -28,7 +27,7 @@ from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Instance, Series, Study
 from mriqa_node.dicom.qr import QRError, find, move
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import NodeProcess, free_port, write_config
+from tests.conftest import NodeProcess, free_port, self_signed, write_config
 from tests.orthanc import ORTHANC, Orthanc
 from tests.test_node_e2e import mriqa_cli, series_row
 
@@ -336,20 +335,9 @@ def test_unreachable_pacs(pacs: Pacs, tmp_path: Path) -> None:
 # -- TLS (a small pynetdicom Q/R SCP: the Orthanc helper has no TLS switch) --------------------
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return key, cert
-
-
 def test_find_over_tls(tmp_path: Path) -> None:
-    skey, scert = _self_signed(tmp_path, "pacs")
-    ckey, ccert = _self_signed(tmp_path, "node")
+    skey, scert = self_signed(tmp_path, "pacs")
+    ckey, ccert = self_signed(tmp_path, "node")
     callers: list[str] = []
 
     def on_find(event):

@@ -4,7 +4,6 @@ configured a client without a certificate is refused."""
 from __future__ import annotations
 
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,13 @@ from mriqa_node.config import load_config
 from mriqa_node.dicom.scu import send_datasets
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
-from tests.conftest import free_port
-
-
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return key, cert
+from tests.conftest import free_port, self_signed
 
 
 @pytest.fixture
 def tls_node(tmp_path: Path, model_dir: Path):
-    key, cert = _self_signed(tmp_path, "server")
-    ckey, ccert = _self_signed(tmp_path, "client")
+    key, cert = self_signed(tmp_path, "server")
+    ckey, ccert = self_signed(tmp_path, "client")
     port = free_port()
     settings = load_config(
         None,

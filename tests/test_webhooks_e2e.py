@@ -18,8 +18,7 @@ from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.phantom import synth_series, write_series
 from mriqa_node.services.users import UserService
 from mriqa_node.services.webhooks import verify
-from tests.conftest import NodeProcess, free_port, storescu, write_config
-from tests.test_node_e2e import wait_for
+from tests.conftest import NodeProcess, free_port, storescu, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 SECRET = "e2e-secret"

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import ForwardJob, ForwardState
+from mriqa_node.services.claims import lock_oldest
 from mriqa_node.services.intake import now_utc
 
 log = logging.getLogger(__name__)
@@ -87,13 +88,7 @@ class ForwardQueue:
             if session.scalar(select(j.id).where(due).limit(1)) is None:
                 return []
         with self.sessions.begin() as session:
-            ids = session.scalars(
-                select(j.id)
-                .where(due)
-                .order_by(j.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            ids = lock_oldest(session, j.id, due, limit)
             if not ids:
                 return []
             rows = session.execute(

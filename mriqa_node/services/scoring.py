@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
+from mriqa_node.services.claims import lock_oldest
 from mriqa_node.services.intake import now_utc
 
 
@@ -52,15 +53,7 @@ class WorkQueue:
             (Instance.state == InstanceState.claimed) & (Instance.claim_expires_at < now),
         )
         with self.sessions.begin() as session:
-            # Two statements on purpose: as a subquery of the UPDATE, PostgreSQL may re-run
-            # the locking SELECT per row and ignore its LIMIT (seen on a fresh table).
-            ids = session.scalars(
-                select(Instance.id)
-                .where(claimable)
-                .order_by(Instance.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            ids = lock_oldest(session, Instance.id, claimable, limit)
             if not ids:
                 return []
             rows = session.execute(

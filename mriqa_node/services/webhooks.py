@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import WebhookConfig
 from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
+from mriqa_node.services.claims import lock_oldest
 from mriqa_node.services.intake import _dialect, _insert_ignore, now_utc
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,7 @@ class WebhookOutbox:
         now = now_utc()
         d = WebhookDelivery
         with self.sessions.begin() as session:
-            # Two statements, as in WorkQueue.claim: the locking SELECT keeps its LIMIT.
-            ids = session.scalars(
-                select(d.id)
-                .where(self._claimable(now), d.webhook.in_(names))
-                .order_by(d.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            ids = lock_oldest(session, d.id, self._claimable(now) & d.webhook.in_(names), limit)
             if not ids:
                 return []
             timeout = max(self.hooks[n].timeout_seconds for n in names)
