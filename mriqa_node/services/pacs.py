@@ -87,7 +87,7 @@ class PacsPublisher:
                 raise NotRejectable(f"series {series_uid} has no instance to reject")
             kos = build_rejection_kos(headers, station_ae=self.station_ae, when=now)
             _pin_uids(kos, series_uid, "kos")
-            self._queue(session, kos, "kos", targets, now)
+            self._queue(session, kos, "kos", series_uid, targets, now)
             session.add(Event(kind="series_rejected", series_uid=series_uid,
                               payload={"series_uid": series_uid, "by": by,
                                        "kos_sop_instance_uid": str(kos.SOPInstanceUID),
@@ -120,12 +120,12 @@ class PacsPublisher:
             if sr_targets:
                 sr = build_qa_sr(headers, verdict, slices, detail["model"], when=now)
                 _pin_uids(sr, series_uid, f"sr-{verdict_id}")
-                self._queue(session, sr, "sr", sr_targets, now)
+                self._queue(session, sr, "sr", series_uid, sr_targets, now)
                 queued.append(str(sr.SOPInstanceUID))
             if png is not None:
                 sc = build_montage_sc(headers, png, when=now)
                 _pin_uids(sc, series_uid, f"montage-{verdict_id}")
-                self._queue(session, sc, "montage", sc_targets, now)
+                self._queue(session, sc, "montage", series_uid, sc_targets, now)
                 queued.append(str(sc.SOPInstanceUID))
         self.on_queued()
         return queued
@@ -194,10 +194,12 @@ class PacsPublisher:
         session: Session,
         ds: pydicom.FileDataset,
         kind: str,
+        about: str,
         targets: list[str],
         now: datetime,
     ) -> None:
-        """Write the object to the spool (durably, before the commit) and queue it."""
+        """Write the object to the spool (durably, before the commit) and queue it, filed
+        under the series it is ``about`` (so the outbox shows the scanned series)."""
         relpath = self.spool.qa_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                         ds.SOPInstanceUID)  # fmt: skip
         buf = io.BytesIO()
@@ -205,7 +207,7 @@ class PacsPublisher:
         self.spool.write(relpath, buf.getbuffer())
         for destination in targets:
             enqueue_forward(session, destination, kind, ds.SOPClassUID, ds.SOPInstanceUID,
-                            ds.SeriesInstanceUID, relpath, now)  # fmt: skip
+                            about, relpath, now)  # fmt: skip
 
     def _load_cursor(self) -> int:
         with self.sessions.begin() as session:
