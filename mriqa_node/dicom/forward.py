@@ -19,6 +19,7 @@ from pynetdicom.presentation import build_context
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.dicom.qr import tls_context
+from mriqa_node.dicom.scu import NO_DELAY
 from mriqa_node.services.forwarding import Job, Outcome
 from mriqa_node.spool import Spool
 
@@ -60,10 +61,11 @@ class StoreSender:
                     for ts in sorted(tss) if ts not in UNCOMPRESSED]  # fmt: skip
         contexts += [build_context(sop, list(UNCOMPRESSED)) for sop in sorted(by_class)]
         ae.requested_contexts = contexts[:MAX_CONTEXTS]
-        tls = (tls_context(dest), dest.host) if dest.tls else None
         try:
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
-        except Exception as exc:  # TLS handshake, DNS: the destination cannot be reached
+            tls = (tls_context(dest), dest.host) if dest.tls else None
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
+                                 evt_handlers=NO_DELAY)  # fmt: skip
+        except Exception as exc:  # TLS files or handshake, DNS: the destination is unreachable
             assoc, error = None, str(exc)
         else:
             error = "association rejected, aborted or not answered"

@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (
 )
 
 from mriqa_node.config import RemoteAE
+from mriqa_node.dicom.scu import NO_DELAY
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,8 @@ def _association(
     ae.network_timeout = max(timeout, 60)
     context = tls_context(peer) if peer.tls else None
     tls_args = (context, peer.host) if context is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
+                         evt_handlers=NO_DELAY)  # fmt: skip
     if not assoc.is_established:
         raise QRError(_association_failure(peer, calling_aet, assoc, context))
     try:

@@ -184,7 +184,8 @@ def _job_row(j: ForwardJob) -> dict[str, Any]:
 
 
 class Forwarder:
-    """One lane per destination: claim, send in one association, record, repeat."""
+    """``lanes`` per destination (one by default): claim, send in one association, record,
+    repeat. Lanes share the outbox through claims, like several node processes do."""
 
     def __init__(
         self,
@@ -204,9 +205,9 @@ class Forwarder:
 
     def run(self, stop: threading.Event) -> None:
         lanes = [
-            threading.Thread(target=self._lane, args=(d, stop), name=f"forward-{d.name}",
+            threading.Thread(target=self._lane, args=(d, stop), name=f"forward-{d.name}-{i}",
                              daemon=True)
-            for d in self.destinations
+            for d in self.destinations for i in range(d.lanes)
         ]  # fmt: skip
         for lane in lanes:
             lane.start()
