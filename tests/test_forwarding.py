@@ -183,3 +183,25 @@ def test_sender_reports_an_unreachable_destination(env: Env, rle_jobs: list[Job]
     outcomes = StoreSender(env.spool, "MRIQA")(dest(port=free_port()), rle_jobs)
     assert all(o.status is None and "127.0.0.1" in o.error for o in outcomes.values())
     assert not any(o.sent for o in outcomes.values())
+
+
+def test_client_associations_turn_nagle_off(tmp_path: Path) -> None:
+    """pynetdicom leaves Nagle on; with it each C-STORE waits out a delayed ACK (~40 ms)."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from mriqa_node.dicom.scu import NO_DELAY
+
+    scp = StoreSCP(tmp_path / "scp", accept_all=False)
+    try:
+        ae = AE("MRIQA")
+        ae.add_requested_context(Verification)
+        for handlers, expected in (([], 0), (NO_DELAY, 1)):
+            assoc = ae.associate("127.0.0.1", scp.port, ae_title="PACS", evt_handlers=handlers)
+            sock = assoc.dul.socket.socket
+            assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) == expected
+            assoc.release()
+    finally:
+        scp.stop()
