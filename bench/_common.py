@@ -373,6 +373,19 @@ def storescu(port: int, called_aet: str, files: Sequence[Path], timeout: float =
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
 
+class SqliteDb:
+    """A SQLite database file in a work directory, used like ThrowawayPostgres (a context)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.url = f"sqlite:///{workdir / 'mriqa.db'}"
+
+    def __enter__(self) -> SqliteDb:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def postgres_available() -> bool:
     import psycopg
 

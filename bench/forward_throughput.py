@@ -50,6 +50,7 @@ from _common import (
     NODE_AET,
     BenchError,
     OrthancServer,
+    SqliteDb,
     ThrowawayPostgres,
     machine_line,
     make_series,
@@ -257,7 +258,7 @@ def _one_run(
 ) -> float:
     n = len(files)
     if config.sender == "node":
-        with ThrowawayPostgres() if config.db == "postgres" else _SqliteDb(workdir) as db:
+        with ThrowawayPostgres() if config.db == "postgres" else SqliteDb(workdir) as db:
             outbox = Outbox(workdir, db.url, instances)  # the receive path: not timed
             try:
                 os.sync()  # flush the intake's dirty pages before the clock starts
@@ -280,17 +281,6 @@ def _one_run(
     if kept != n:
         raise BenchError(f"{config.label}: Orthanc holds {kept} of {n} instances")
     return elapsed
-
-
-class _SqliteDb:
-    def __init__(self, workdir: Path) -> None:
-        self.url = f"sqlite:///{workdir / 'mriqa.db'}"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 # -- breakdown -----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from _common import (
     BenchError,
     NodeServer,
     OrthancServer,
+    SqliteDb,
     StoreSCPServer,
     ThrowawayPostgres,
     machine_line,
@@ -156,7 +157,7 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
             if engine == "postgresql" and not postgres_available():
                 continue
             work = root / f"breakdown-{engine}-{fsync}"
-            with ThrowawayPostgres() if engine == "postgresql" else _NoDb(work) as db:
+            with ThrowawayPostgres() if engine == "postgresql" else SqliteDb(work) as db:
                 settings = load_config(
                     None,
                     storage={"spool_dir": work / "spool", "database_url": db.url, "fsync": fsync},
@@ -178,17 +179,6 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
                 )
                 node.engine.dispose()
     print(table(["step (in process, one thread)", "ms per instance"], rows))
-
-
-class _NoDb:
-    def __init__(self, work: Path) -> None:
-        self.url = f"sqlite:///{work / 'mriqa.db'}"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def main() -> int:
