@@ -13,7 +13,8 @@ own empty temp storage and index, fsync on: its default), so neither side pays f
 
 The node's sender turns Nagle off on its sockets (pynetdicom 3.0 leaves it on). Diagnostic
 (--nodelay): the bare pynetdicom sender again with TCP_NODELAY set, patched in this process only
-("+nodelay" row). --lanes N: also the node with `lanes = N` on the destination (N associations
+("+nodelay" row). The node rows use the destination's default `lanes` (associations in
+parallel, each sending a different series); --lanes N adds rows with `lanes = N` (N associations
 in parallel, sharing the outbox through claims; "xN" rows).
 
 For the node, the instances are first kept through Intake.store with one ForwardRule to "pacs"
@@ -71,14 +72,14 @@ class Config:
     db: str = "-"  # sqlite, postgres (node only)
     batch: int = 0  # instances per association (node only)
     nodelay: bool = False  # diagnostic: TCP_NODELAY on the bare pynetdicom sender's socket
-    lanes: int = 1  # the destination's lanes (associations in parallel)
+    lanes: int = 0  # the destination's lanes (associations in parallel); 0: the config default
 
     @property
     def label(self) -> str:
         name = self.sender
         if self.sender == "node":
             name = f"node-{'pg' if self.db == 'postgres' else self.db}/{self.batch}"
-            name += f"x{self.lanes}" if self.lanes > 1 else ""
+            name += f"x{self.lanes or default_lanes()}"
         return name + ("+nodelay" if self.nodelay else "")
 
 
@@ -99,6 +100,12 @@ def pynetdicom_nodelay():
         yield
     finally:
         AssociationSocket._create_socket = original
+
+
+def default_lanes() -> int:
+    from mriqa_node.config import DestinationConfig
+
+    return DestinationConfig.model_fields["lanes"].default
 
 
 def default_batch() -> int:
@@ -166,7 +173,7 @@ class Outbox:
 
 
 def forward_all(outbox: Outbox, port: int, called_aet: str, batch: int, n: int, queue=None,
-                sender=None, lanes: int = 1) -> float:  # fmt: skip
+                sender=None, lanes: int = 0) -> float:  # fmt: skip
     """Run the node's Forwarder (the destination with ``lanes`` associations in parallel)
     until all n jobs are sent; seconds from its start.
 
@@ -178,7 +185,12 @@ def forward_all(outbox: Outbox, port: int, called_aet: str, batch: int, n: int, 
     from mriqa_node.services.forwarding import Forwarder, ForwardQueue
 
     dest = DestinationConfig(
-        name=DESTINATION, ae_title=called_aet, host=HOST, port=port, batch=batch, lanes=lanes
+        name=DESTINATION,
+        ae_title=called_aet,
+        host=HOST,
+        port=port,
+        batch=batch,
+        lanes=lanes or default_lanes(),
     )
     queue = queue or ForwardQueue(outbox.sessions, outbox.reads)
     all_sent = threading.Event()
@@ -418,8 +430,8 @@ def main() -> int:
     ap.add_argument(
         "--lanes",
         type=int,
-        default=1,
-        help="also the node with this many lanes (associations in parallel) on the destination",
+        default=0,
+        help="also the node with this many lanes (1: the destination in strict order)",
     )
     ap.add_argument(
         "--breakdown",
@@ -444,7 +456,7 @@ def main() -> int:
             configs.append(Config("node", db, batch))
     if args.nodelay and args.pynetdicom:
         configs.append(Config("pynetdicom", nodelay=True))
-    if args.lanes > 1:
+    if args.lanes and args.lanes != default_lanes():
         configs += [Config("node", db, args.batch, lanes=args.lanes) for db in dbs]
 
     with tempfile.TemporaryDirectory(prefix="mriqa-bench-forward-") as tmp:
@@ -486,7 +498,9 @@ def main() -> int:
     rows = []
     for config in configs:
         runs = " ".join(f"{n / v:.0f}" for v in times[config])
-        assoc = "1" if config.sender != "node" else f"{-(-n // config.batch)}"
+        # The node claims one series at a time: an association per series and batch.
+        per_series = -(-args.slices // config.batch) if config.batch else 0
+        assoc = "1" if config.sender != "node" else f"{args.series * per_series}"
         rows.append(
             [config.label, config.db, config.batch or "-", assoc, f"{rates[config]:.0f}", runs,
              f"{rates[config] / ref:.2f}x"]
@@ -497,7 +511,7 @@ def main() -> int:
     print(table(headers, rows))
     print(f"# finished {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load {os.getloadavg()[0]:.2f}")
     for config in configs:
-        default = not config.nodelay and config.lanes == 1
+        default = not config.nodelay and not config.lanes
         if config.sender == "node" and config.batch == args.batch and default:
             ratio = rates[config] / ref
             verdict = "met" if ratio >= TARGET_RATIO else "NOT met"

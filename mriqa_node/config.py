@@ -157,10 +157,11 @@ class DestinationConfig(RemoteAE):
     send_sr: bool = True  # a QA result SR per decided series
     send_montage: bool = False  # a Secondary Capture montage with heat maps per verdict
     batch: int = Field(64, ge=1)  # instances per association
-    # Associations in parallel. 1 keeps the destination's order strictly (a series' instances,
-    # then its QA objects); more is faster (pynetdicom waits for each C-STORE response), and
-    # batches from different lanes interleave.
-    lanes: int = Field(1, ge=1, le=8)
+    # Associations in parallel, each sending a different series (a series always goes in
+    # order, its instances before its QA objects, over one association at a time). pynetdicom
+    # waits for each C-STORE response, so lanes are what make forwarding fast; 1: the whole
+    # destination in strict order.
+    lanes: int = Field(3, ge=1, le=8)
     # 0: retry forever, so nothing is lost while the PACS is down for hours.
     max_attempts: int = Field(0, ge=0)
     backoff_seconds: float = Field(1.0, gt=0)

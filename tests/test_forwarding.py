@@ -4,6 +4,7 @@ decompressed where not, an unreachable peer reported as such)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -23,7 +24,7 @@ from mriqa_node.phantom import synth_series
 from mriqa_node.services.forwarding import ForwardQueue, Job, Outcome
 from mriqa_node.services.intake import Intake, now_utc
 from tests.conftest import Env, dcmtk, free_port
-from tests.test_services import store
+from tests.test_services import run_concurrently, store
 
 
 def dest(name: str = "pacs", port: int = 104, **kw) -> DestinationConfig:
@@ -105,6 +106,39 @@ def test_claim_order_outcomes_and_retries(env: Env) -> None:
     summary = {r["destination"]: r for r in queue.summary()}
     assert summary["pacs"]["sent"] == 2 and summary["pacs"]["failed"] == 1
     assert summary["pacs"]["pending"] == 1 and summary["pacs"]["last_error"] == "x"
+
+
+def test_lanes_send_different_series_and_each_series_in_order(env: Env) -> None:
+    routed(env, ForwardRule("pacs"))
+    series = [synth_series(5, size=32, seed=20 + k) for k in range(3)]
+    for datasets in series:
+        for ds in datasets:
+            store(env, ds)
+    queue = ForwardQueue(env.sessions)
+    a = queue.claim("pacs", 3, "lane:a")  # the oldest series, up to the batch size
+    assert {j.series_uid for j in a} == {series[0][0].SeriesInstanceUID} and len(a) == 3
+    b = queue.claim("pacs", 10, "lane:b")  # series 0 is busy: the next series, whole
+    assert {j.series_uid for j in b} == {series[1][0].SeriesInstanceUID} and len(b) == 5
+    c = queue.claim("pacs", 10, "lane:c")
+    assert {j.series_uid for j in c} == {series[2][0].SeriesInstanceUID}
+    assert queue.claim("pacs", 10, "lane:d") == []  # every series with work is being sent
+    queue.record(dest(), "lane:a", a, {j.id: Outcome(0) for j in a})
+    rest = queue.claim("pacs", 10, "lane:d")  # series 0 continues where lane a stopped
+    assert [j.sop_instance_uid for j in a + rest] == [ds.SOPInstanceUID for ds in series[0]]
+
+
+def test_concurrent_lanes_never_split_a_series(env: Env) -> None:
+    routed(env, ForwardRule("pacs"))
+    for k in range(6):
+        for ds in synth_series(4, size=32, seed=40 + k):
+            store(env, ds)
+    queue = ForwardQueue(env.sessions)
+    claims = run_concurrently([functools.partial(queue.claim, "pacs", 10, f"lane:{i}")
+                               for i in range(4)])  # fmt: skip
+    series_per_lane = [{j.series_uid for j in jobs} for jobs in claims]
+    assert all(len(s) == 1 for s in series_per_lane)  # one series each ...
+    assert len(set().union(*series_per_lane)) == 4  # ... and never the same one twice
+    assert all(len(jobs) == 4 for jobs in claims)
 
 
 def test_max_attempts_gives_up_on_an_unreachable_destination(env: Env) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import DestinationConfig
@@ -63,6 +63,14 @@ class Outcome:
 Sender = Callable[[DestinationConfig, Sequence[Job]], dict[int, Outcome]]
 
 
+def _one_claimer(session: Session, destination: str) -> None:
+    """Claims of one destination happen one at a time, so two lanes never pick the same series
+    (SQLite: already so, writes are serialised; PostgreSQL: a transaction advisory lock)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                        {"key": f"forward:{destination}"})  # fmt: skip
+
+
 def backoff(dest: DestinationConfig, attempts: int) -> float:
     return min(dest.backoff_seconds * 2 ** max(attempts - 1, 0), dest.backoff_max_seconds)
 
@@ -75,22 +83,35 @@ class ForwardQueue:
         self.reads = reads or sessions
 
     def claim(self, destination: str, limit: int, worker_id: str) -> list[Job]:
-        """The oldest due jobs of a destination, claimed for this worker."""
+        """The oldest due jobs of one series of a destination, claimed for this worker.
+
+        A series that another lane (or process) is sending is left alone, so each series
+        reaches the destination in order, its instances before its QA objects, while lanes
+        send different series at once."""
         now = now_utc()
         j = ForwardJob
-        due = (
+        busy = select(j.series_uid).where(
+            j.destination == destination,
+            j.state == ForwardState.pending,
+            j.claimed_by.is_not(None),
+            j.claim_expires_at >= now,
+        )
+        free = (
             (j.destination == destination)
             & (j.state == ForwardState.pending)
             & (j.next_attempt_at <= now)
             & or_(j.claimed_by.is_(None), j.claim_expires_at < now)
+            & j.series_uid.not_in(busy)
         )
         with self.reads() as session:  # polling costs no write lock while nothing is due
-            if session.scalar(select(j.id).where(due).limit(1)) is None:
+            if session.scalar(select(j.id).where(free).limit(1)) is None:
                 return []
         with self.sessions.begin() as session:
-            ids = lock_oldest(session, j.id, due, limit)
-            if not ids:
+            _one_claimer(session, destination)
+            series_uid = session.scalar(select(j.series_uid).where(free).order_by(j.id).limit(1))
+            if series_uid is None:
                 return []
+            ids = lock_oldest(session, j.id, free & (j.series_uid == series_uid), limit)
             rows = session.execute(
                 update(j)
                 .where(j.id.in_(ids))
