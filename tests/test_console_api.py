@@ -296,6 +296,7 @@ def test_live_feed_replays_and_pushes_events(console: Console) -> None:
 
     async def first(n: int, after: int) -> list[dict]:
         feed = LiveFeed(c.env.sessions, poll_seconds=0.05)
+        feed.start_at_latest()  # as the app does at start-up, before any page subscribes
         poller = asyncio.create_task(feed.run())
         got: list[dict] = []
         stream = feed.subscribe(after)
@@ -313,7 +314,7 @@ def test_live_feed_replays_and_pushes_events(console: Console) -> None:
 
     with c.env.session() as s:
         alert_event = s.scalar(select(Event.id).where(Event.kind == "alert"))
-    got = asyncio.run(first(2, alert_event - 1))
+    got = asyncio.run(asyncio.wait_for(first(2, alert_event - 1), 30))
     assert [m["kind"] for m in got] == ["alert", "alert_acknowledged"]
     assert got[0]["payload"]["alert_id"] == c.alert_id
     assert got[1]["payload"]["action"] == "disagree" and got[1]["id"] > got[0]["id"]
