@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -173,12 +174,15 @@ class Node:
         pacs = self.settings.pacs
         montage = None
         if any(d.send_montage for d in pacs.destinations):
-            montage = self._slice_images().montage
+            montage = self.slice_images.montage
         return PacsPublisher(self.sessions, self.reads, self.spool, pacs.destinations,
                              self.settings.dicom.ae_title, pacs.reject_on_non_diagnostic,
                              montage, on_queued=self.forward_available.set)  # fmt: skip
 
-    def _slice_images(self):
+    @functools.cached_property
+    def slice_images(self):
+        """Thumbnails and heat maps, shared by the console and the PACS montage (one
+        Grad-CAM model in memory)."""
         from mriqa_node.services.images import SliceImages
 
         return SliceImages(self.reads, self.spool, self.settings.console.cache_dir,
@@ -199,7 +203,7 @@ class Node:
             users=UserService(self.sessions, self.reads),
             alerts=AlertService(self.sessions, self.reads),
             ratings=RatingService(self.sessions, self.reads),
-            images=self._slice_images(),
+            images=self.slice_images,
             outbox=self._webhook_outbox() if self.settings.webhooks else None,
             forwarding=ForwardQueue(self.sessions, self.reads)
             if self.settings.pacs.destinations

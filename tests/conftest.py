@@ -152,6 +152,17 @@ def write_config(path: Path, port: int, db_url: str, model: Path, **sections: di
     return path
 
 
+def stop_process(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
+    """SIGTERM a server we started (by its own PID), SIGKILL it if it does not exit in time."""
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 class NodeProcess:
     """`mriqa serve` as a real child process, stopped by its own PID."""
 
@@ -187,13 +198,7 @@ class NodeProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc)
         self._log.close()
 
 

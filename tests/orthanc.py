@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.conftest import stop_process
 
 ORTHANC = "/usr/sbin/Orthanc"
 AET = "ORTHANC"
@@ -67,14 +68,8 @@ class Orthanc:
         raise TimeoutError(f"Orthanc did not start:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
         if self.proc is not None:
+            stop_process(self.proc, grace=30)
             self._log.close()
         self.proc = None
 
