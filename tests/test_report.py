@@ -102,14 +102,15 @@ def make_run(
         truth3 = rng.choice(3, n, p=[0.25, 0.55, 0.2])
         raters = np.stack([noisy(truth3, 0.2, rng), noisy(truth3, 0.3, rng)], axis=1)
         t = to_task_labels(truth3, task)
-        probs = softmax(2.5 * np.eye(c)[t] + rng.normal(size=(n, c)))
+        logits = 2.5 * np.eye(c)[t] + rng.normal(size=(n, c))
         arrays |= {
-            f"{split}_probs": probs.astype(np.float32),
+            f"{split}_logits": logits.astype(np.float32),
+            f"{split}_probs": softmax(logits).astype(np.float32),
             f"{split}_labels": to_task_labels(raters[:, 0], task),
             f"{split}_raters": raters,
             f"{split}_truth3": truth3 if truth else np.full(n, -1),
             f"{split}_patients": np.array([f"P{i // 10:03d}" for i in range(n)]),
-            f"{split}_series": np.array([f"1.2.3.{i // 10}" for i in range(n)]),
+            f"{split}_series_uids": np.array([f"1.2.3.{i // 10}" for i in range(n)]),
             f"{split}_sops": np.array([f"1.2.3.{i // 10}.{i}" for i in range(n)]),
             f"{split}_frames": np.zeros(n, dtype=np.int64),
         }
@@ -456,6 +457,8 @@ def test_run_report(four_runs: list[Path], manifest: Path, motion_images, tmp_pa
         "fig6_jaccard.png",
         "fig7_confusion_labels.png",
         "fig7_confusion_truth.png",
+        "reliability.png",
+        "series_roc.png",
     } <= figs
     for f in found:
         if f.endswith(".png"):
@@ -464,6 +467,12 @@ def test_run_report(four_runs: list[Path], manifest: Path, motion_images, tmp_pa
     assert "ResNet-10 binary" in text and "| rater1 |" in text and "truth (synthetic)" in text
     assert "| train | 700 | 49 |" in text  # splits.json counts
     assert "Notes" not in text  # every figure was drawn
+    metrics = json.loads((four_runs[2] / "metrics.json").read_text())
+    cal, op = metrics["calibration"], metrics["operating_point"]
+    assert cal["temperature"] > 0 and set(cal["splits"]) == {"val", "test"}
+    assert f"| val | 60 | {cal['splits']['val']['ece_before']:.3f} |" in text
+    assert op["max_false_alerts"] == 0.05 and op["test"]["n_positive"] > 0
+    assert "series non-diag. / diag." in text
 
 
 def test_run_report_fig3_from_manifest(

@@ -38,9 +38,14 @@ def test_synth_train_report_export(tmp_path: Path) -> None:
     assert "Fig. 7" in report and (runs / "metrics.json").is_file()
 
     out = tmp_path / "artifact"
-    assert "artifact:" in run("export", str(runs), "--out", str(out), "--version", "0.1.0")
+    output = run("export", str(runs), "--out", str(out), "--version", "0.1.0",
+                 "--sensitivity", "0.8", "--max-false-alerts", "0.1")  # fmt: skip
+    assert "artifact:" in output and "temperature" in output
     meta = json.loads((out / "model.json").read_text())
     assert meta["name"] == "convnet-binary" and meta["trained"] is True
+    assert meta["temperature"] > 0 and "ece_after" in meta["extra"]["calibration"]["splits"]["val"]
+    op = meta["extra"]["operating_point"]
+    assert (op["target_sensitivity"], op["max_false_alerts"]) == (0.8, 0.1)
     assert {"vs_labels", "vs_truth"} <= meta["test_metrics"].keys()
     target, installed = ModelStore(tmp_path / "models").install(out)
     assert installed.sha256 == meta["sha256"] and (target / "model.keras").is_file()

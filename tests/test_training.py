@@ -431,6 +431,7 @@ def test_exported_artifact_loads_in_node_with_same_probabilities(
     from mriqa_node.ml.artifact import ArtifactError, read_meta
     from mriqa_node.ml.scorer import Scorer
     from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION
+    from training.calibration import softmax
     from training.export import export_artifact
 
     # 512 px on a CPU costs ~1 s a step even this narrow (the 10x10 first convolution)
@@ -447,6 +448,8 @@ def test_exported_artifact_loads_in_node_with_same_probabilities(
     assert 0 <= loaded.policy["series_threshold"] <= 1
     op = loaded.extra["operating_point"]
     assert op["chosen_on"] == "val" and op["slice"]["sensitivity"] >= 0.9
+    assert op["max_false_alerts"] == 0.05 and op["false_alert_cap_met"] in (True, None)
+    assert loaded.temperature == loaded.extra["calibration"]["temperature"] > 0
     data = loaded.training_data
     assert data["label_source"] == "mean" and len(data["manifest_sha256"]) == 64
     assert set(data["counts"]) == {"train", "val", "test"}
@@ -454,12 +457,13 @@ def test_exported_artifact_loads_in_node_with_same_probabilities(
     assert loaded.test_metrics["n_slices"] == 24 and "auc" in loaded.test_metrics
 
     with np.load(run / "predictions.npz") as npz:
-        sops, probs = npz["val_sop_uids"], npz["val_probs"]
+        sops, probs, logits = npz["val_sop_uids"], npz["val_probs"], npz["val_logits"]
+    np.testing.assert_allclose(probs, softmax(logits), atol=1e-6)
     records = {r.sop_instance_uid: r for r in read_manifest(phantom)}
     cache = ImageCache(cache_dir, size=INPUT_SIZE)
     x = cache.gather(np.array([cache.rows(records[s])[0] for s in sops]))
     scorer = Scorer(tmp_path / "artifact")
-    np.testing.assert_allclose(scorer.predict(x), probs, atol=1e-5)
+    np.testing.assert_allclose(scorer.predict(x), softmax(logits, loaded.temperature), atol=1e-5)
 
     small = train(tiny_config(phantom, tmp_path / "run64", cache_dir, steps=2, eval_every=2))
     with pytest.raises(ArtifactError, match="512"):
@@ -488,8 +492,9 @@ def test_operating_point_reaches_sensitivity_on_val() -> None:
         labels.append(y)
         series += [f"S{s}"] * n
     probs, labels = np.concatenate(probs), np.concatenate(labels)
-    for target in (0.8, 0.9, 0.95, 1.0):
-        op = choose_operating_point(probs, labels, series, sensitivity=target, top_fraction=0.2)
+    for target in (0.8, 0.9, 0.95, 1.0):  # no false-alert cap here: tests/test_calibration.py
+        op = choose_operating_point(probs, labels, series, sensitivity=target,
+                                    max_false_alerts=1.0, top_fraction=0.2)  # fmt: skip
         assert op["slice"]["sensitivity"] >= target and op["series"]["sensitivity"] >= target
         assert 0 < op["slice"]["specificity"] < 1
         # the slice threshold is the most specific one that keeps the sensitivity
@@ -504,7 +509,7 @@ def test_operating_point_reaches_sensitivity_on_val() -> None:
         assert op["series"]["n_positive"] == truth.sum() == 20
     assert (
         op["series_threshold"]
-        <= choose_operating_point(probs, labels, series, 0.8)["series_threshold"]
+        <= choose_operating_point(probs, labels, series, 0.8, 1.0)["series_threshold"]
     )
 
     none_bad = choose_operating_point(probs[labels == 1], labels[labels == 1],

@@ -33,6 +33,7 @@ from mriqa_node.domain.agreement import (  # the node's metrics; re-exported her
     jaccard_matrix,
     kappa_from_confusion,
 )
+from training.calibration import calibrate
 
 CLASS_NAMES: dict[str, list[str]] = {
     "binary": ["non_diagnostic", "diagnostic"],
@@ -485,7 +486,8 @@ def evaluate_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
 
     Result: run, run_dir, model, task, label, num_classes, class_names, config, history (summary of
     history.csv), splits {test, val: evaluate_split(...)}, label_noise (of the test split, or the
-    first split present), created.
+    first split present), calibration (``training.calibration.calibrate``: the temperature fitted
+    on val, ECE and NLL before and after it; None without a val split), created.
     """
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
@@ -525,6 +527,7 @@ def evaluate_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
         raise ValueError(f"{run_dir}/predictions.npz holds no val_/test_ probs and labels")
     main = result["splits"].get("test") or next(iter(result["splits"].values()))
     result["label_noise"] = main["label_noise"]
+    result["calibration"] = calibrate(preds) if "val" in result["splits"] else None
     if write:
         write_json(run_dir / METRICS_FILE, result)
     return result

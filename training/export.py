@@ -1,11 +1,14 @@
 """From a training run to the node's model artifact (DESIGN.md contract).
 
-The series decision policy is chosen on the validation split: the slice threshold for the
-stated sensitivity to non-diagnostic slices, the series threshold for the stated sensitivity to
-non-diagnostic series, where the series score is computed by the node's own
-``mriqa_node.domain.verdict.decide`` (mean P(non-diagnostic) over the worst ``top_fraction`` of
-slices) and a series is truly non-diagnostic when at least ``top_fraction`` of its slices are
-class 0. The test split is only used to report metrics.
+First a temperature is fitted on the validation split's logits (``training.calibration``), so
+every threshold below, and every probability the node shows, is a calibrated one. Then the
+series decision policy is chosen on the validation split: the slice threshold for the stated
+sensitivity to non-diagnostic slices, and the series threshold for the stated sensitivity to
+non-diagnostic series within a cap on false alerts (the share of diagnostic series flagged);
+when both cannot be had, the cap wins and the shortfall is recorded. The series score is
+computed by the node's own ``mriqa_node.domain.verdict.decide`` (mean P(non-diagnostic) over
+the worst ``top_fraction`` of slices) and a series is truly non-diagnostic when at least
+``top_fraction`` of its slices are class 0. The test split is only used to report metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import numpy as np
 from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, decide
 from mriqa_node.ml.artifact import TASK_CLASSES, ArtifactError, ArtifactMeta, save_artifact
 from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION
+from training.calibration import calibrate, calibrated_predictions, calibration_summary
 from training.train import CONFIG_FILE, MODEL_FILE, PREDICTIONS_FILE, SPLITS_FILE, read_history
 
 _BINARY = TASK_CLASSES["binary"]
@@ -74,12 +79,57 @@ def series_verdicts(
 
 def _rates(flagged: np.ndarray, positive: np.ndarray) -> dict[str, Any]:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    hits, false_alerts = int(flagged[positive].sum()), int(flagged[~positive].sum())
     return {
-        "sensitivity": float(flagged[positive].mean()) if n_pos else None,
-        "specificity": float((~flagged[~positive]).mean()) if n_neg else None,
+        "sensitivity": hits / n_pos if n_pos else None,
+        "specificity": 1 - false_alerts / n_neg if n_neg else None,
+        "false_alert_rate": false_alerts / n_neg if n_neg else None,
         "n_positive": n_pos,
         "n_negative": n_neg,
+        "n_flagged_positive": hits,
+        "n_flagged_negative": false_alerts,
     }
+
+
+def _candidate_thresholds(scores: np.ndarray) -> np.ndarray:
+    """Half a rounding step below each distinct (rounded) series score, and one above them all
+    (flag nothing), ascending: each flags exactly the series that score at least that much,
+    whichever way decide() rounded."""
+    cands = np.append(scores - _SCORE_STEP / 2, scores.max(initial=0.0) + _SCORE_STEP / 2)
+    return np.unique(np.clip(np.round(cands, 6), 0.0, 1.0))
+
+
+def series_threshold(
+    scores: np.ndarray,
+    positive: np.ndarray,
+    sensitivity: float,
+    max_false_alerts: float,
+    floor: float = 0.0,
+) -> float:
+    """The series threshold under both targets, most specific first.
+
+    The largest threshold that reaches ``sensitivity`` when its false-alert rate (share of
+    diagnostic series flagged) is within ``max_false_alerts``; otherwise the cap wins (a node
+    that cries wolf gets switched off) and the threshold with the highest sensitivity under it
+    is taken, the fewest false alerts among equals. Without non-diagnostic series there is no
+    sensitivity to aim at: ``floor`` (e.g. the slice threshold), raised as far as the cap needs.
+    If no threshold honours the cap, the one with the fewest false alerts.
+    """
+    cands = _candidate_thresholds(scores)
+    flags = scores[None, :] >= cands[:, None]  # [threshold, series]
+    neg = ~positive
+    fa = flags[:, neg].mean(axis=1) if neg.any() else np.zeros(len(cands))
+    under_cap = fa <= max_false_alerts + 1e-12
+    if not under_cap.any():
+        return float(cands[fa == fa.min()].max())
+    if not positive.any():
+        return float(max(floor, cands[under_cap].min()))
+    sens = flags[:, positive].mean(axis=1)
+    both = under_cap & (sens >= sensitivity - 1e-12)
+    if both.any():
+        return float(cands[both].max())
+    best = sens[under_cap].max()
+    return float(cands[under_cap & (sens == best)].max())
 
 
 def choose_operating_point(
@@ -87,19 +137,24 @@ def choose_operating_point(
     val_labels_binary: np.ndarray,
     series_ids: Sequence[str],
     sensitivity: float = 0.90,
+    max_false_alerts: float = 0.05,
     top_fraction: float = 0.2,
     worst_count: int = 3,
 ) -> dict[str, Any]:
-    """Thresholds for the stated sensitivity to non-diagnostic slices and series (on val).
+    """Slice and series thresholds chosen on val (pass calibrated probabilities).
 
+    The slice threshold is the most specific one with the stated sensitivity to non-diagnostic
+    slices (it marks slices for the technologist). The series threshold decides the alert: see
+    ``series_threshold`` for how the sensitivity target and the false-alert cap are traded.
     Returns slice_threshold, series_threshold, top_fraction, worst_count (a SeriesPolicy's
-    fields, also under "policy"), target_sensitivity, and the achieved sensitivity/specificity
-    at slice and series level under "slice" and "series". Without any non-diagnostic slice
-    (or series) in val a threshold cannot be chosen: the slice threshold falls back to 0.5 and
-    the series threshold to the slice threshold, and "warnings" says so.
+    fields, also under "policy"), the targets, ``sensitivity_met`` and ``false_alert_cap_met``
+    (None when val has no series to judge by), the achieved rates and counts under "slice" and
+    "series" (the node's own decisions), and "warnings" that say plainly what was not met.
     """
     if not 0 < sensitivity <= 1:
         raise ValueError("sensitivity must lie in (0, 1]")
+    if not 0 <= max_false_alerts <= 1:
+        raise ValueError("max_false_alerts must lie in [0, 1]")
     p = p_nondiagnostic(val_probs)
     y = np.asarray(val_labels_binary)
     if len(p) != len(y) or len(y) != len(series_ids):
@@ -114,28 +169,67 @@ def choose_operating_point(
 
     groups = series_groups(series_ids)
     truth = series_truth(y, groups, top_fraction)
-    policy = SeriesPolicy(slice_t, 0.5, top_fraction, worst_count)
-    scores, _ = series_verdicts(p, groups, policy)
-    if truth.any():
-        series_t = threshold_for_sensitivity(scores[truth], sensitivity)
-        policy = SeriesPolicy(slice_t, series_t, top_fraction, worst_count)
-        _, flags = series_verdicts(p, groups, policy)
-        if flags[truth].mean() < sensitivity:  # the score was rounded up past the threshold
-            policy = SeriesPolicy(slice_t, max(0.0, series_t - _SCORE_STEP), top_fraction,
-                                  worst_count)  # fmt: skip
-    else:
-        policy = SeriesPolicy(slice_t, slice_t, top_fraction, worst_count)
-        warnings.append("no non-diagnostic series in val: series threshold = slice threshold")
+    scores, _ = series_verdicts(p, groups, SeriesPolicy(slice_t, 0.5, top_fraction, worst_count))
+    series_t = series_threshold(scores, truth, sensitivity, max_false_alerts, floor=slice_t)
+    policy = SeriesPolicy(slice_t, series_t, top_fraction, worst_count)
     _, flags = series_verdicts(p, groups, policy)
+    achieved = _rates(flags, truth)
+    met = _targets_met(achieved, sensitivity, max_false_alerts)
+    warnings += _target_warnings(achieved, sensitivity, max_false_alerts)
     return {
         **policy.as_dict(),
         "policy": policy.as_dict(),
         "target_sensitivity": sensitivity,
+        "max_false_alerts": max_false_alerts,
+        **met,
         "chosen_on": "val",
         "slice": _rates(p >= policy.slice_threshold, positive),
-        "series": _rates(flags, truth),
+        "series": achieved,
         "warnings": warnings,
     }
+
+
+def _targets_met(rates: dict[str, Any], sensitivity: float, cap: float) -> dict[str, bool | None]:
+    sens, fa = rates["sensitivity"], rates["false_alert_rate"]
+    return {
+        "sensitivity_met": None if sens is None else bool(sens >= sensitivity - 1e-12),
+        "false_alert_cap_met": None if fa is None else bool(fa <= cap + 1e-12),
+    }
+
+
+def _target_warnings(rates: dict[str, Any], sensitivity: float, cap: float) -> list[str]:
+    """Plain sentences for each target the chosen series threshold misses on val."""
+    met = _targets_met(rates, sensitivity, cap)
+    got = (
+        f"val series: sensitivity {_fmt(rates['sensitivity'])} ({rates['n_flagged_positive']}"
+        f"/{rates['n_positive']} non-diagnostic series flagged), false-alert rate"
+        f" {_fmt(rates['false_alert_rate'])} ({rates['n_flagged_negative']}/{rates['n_negative']}"
+        " diagnostic series flagged)"
+    )
+    out = []
+    if met["sensitivity_met"] is None:
+        out.append(f"no non-diagnostic series in val: sensitivity cannot be checked; {got}")
+    elif not met["sensitivity_met"]:
+        out.append(
+            f"sensitivity target {sensitivity:.2f} NOT MET: kept the false-alert cap {cap:.2f}"
+            f" and took the highest sensitivity under it; {got}"
+        )
+    if met["false_alert_cap_met"] is None:
+        out.append(f"no diagnostic series in val: false alerts cannot be checked; {got}")
+    elif not met["false_alert_cap_met"]:
+        out.append(f"false-alert cap {cap:.2f} NOT MET by any threshold; {got}")
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def split_series(preds: Any, split: str, policy: SeriesPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """(series scores, truly non-diagnostic) of one split of predictions.npz: the series ROC."""
+    groups = series_groups(preds[f"{split}_series_uids"])
+    scores, _ = series_verdicts(p_nondiagnostic(preds[f"{split}_probs"]), groups, policy)
+    return scores, series_truth(preds[f"{split}_labels"], groups, policy.top_fraction)
 
 
 def evaluate_predictions(preds: Any, split: str, policy: SeriesPolicy) -> dict[str, Any]:
@@ -165,6 +259,41 @@ def evaluate_predictions(preds: Any, split: str, policy: SeriesPolicy) -> dict[s
     return out
 
 
+@dataclass(frozen=True)
+class PolicyPlan:
+    """What export decides for a run: the temperature, the operating point, and its metrics."""
+
+    calibration: dict[str, Any]  # training.calibration.calibrate(): T, ECE before/after
+    operating_point: dict[str, Any]  # choose_operating_point() on calibrated val series
+    test: dict[str, Any]  # evaluate_predictions() on the calibrated test split
+    predictions: dict[str, np.ndarray]  # predictions.npz with calibrated val/test probs
+
+    @property
+    def policy(self) -> SeriesPolicy:
+        return SeriesPolicy.from_dict(self.operating_point["policy"])
+
+
+def plan_policy(
+    preds: dict[str, np.ndarray], sensitivity: float = 0.90, max_false_alerts: float = 0.05
+) -> PolicyPlan:
+    """Fit the temperature on val, then choose the operating point on val's calibrated series
+    (the probabilities the node will show) and measure it on test."""
+    cal = calibrate(preds)
+    calibrated = calibrated_predictions(preds, cal["temperature"])
+    default = SeriesPolicy()
+    op = choose_operating_point(
+        calibrated["val_probs"],
+        (preds["val_labels"] != 0).astype(np.int64),
+        preds["val_series_uids"],
+        sensitivity=sensitivity,
+        max_false_alerts=max_false_alerts,
+        top_fraction=default.top_fraction,
+        worst_count=default.worst_count,
+    )
+    test = evaluate_predictions(calibrated, "test", SeriesPolicy.from_dict(op["policy"]))
+    return PolicyPlan(cal, op, test, calibrated)
+
+
 def export_artifact(
     run_dir: Path | str,
     out_dir: Path | str,
@@ -172,6 +301,7 @@ def export_artifact(
     version: str,
     sensitivity: float = 0.90,
     test_metrics: dict[str, Any] | None = None,
+    max_false_alerts: float = 0.05,
 ) -> ArtifactMeta:
     """Write the node's artifact (model.keras + model.json) for a finished run; ``test_metrics``
     are added to the test split's policy metrics (e.g. the report's metrics against truth)."""
@@ -193,14 +323,9 @@ def export_artifact(
     history = read_history(run)
     with np.load(run / PREDICTIONS_FILE) as npz:
         preds = {k: npz[k] for k in npz.files}
-    val_binary = (preds["val_labels"] != 0).astype(np.int64)
-    default = SeriesPolicy()
-    op = choose_operating_point(
-        preds["val_probs"], val_binary, preds["val_series_uids"], sensitivity,
-        default.top_fraction, default.worst_count,
-    )  # fmt: skip
-    policy = SeriesPolicy.from_dict(op["policy"])
-    test_metrics = {**evaluate_predictions(preds, "test", policy), **(test_metrics or {})}
+    plan = plan_policy(preds, sensitivity, max_false_alerts)
+    op = plan.operating_point
+    test_metrics = {**plan.test, **(test_metrics or {})}
     last = history[-1] if history else {}
     meta = ArtifactMeta(
         name=name,
@@ -210,8 +335,9 @@ def export_artifact(
         input_size=INPUT_SIZE,
         preprocessing_version=PREPROCESSING_VERSION,
         sha256="",
-        policy=policy.as_dict(),
+        policy=plan.policy.as_dict(),
         output="logits",
+        temperature=plan.calibration["temperature"],
         trained=True,
         training_data={
             "manifest_sha256": cfg["manifest_sha256"],
@@ -237,6 +363,7 @@ def export_artifact(
                     "versions": cfg.get("versions"),
                 },
                 "operating_point": {k: op[k] for k in op if k != "policy"},
+                "calibration": calibration_summary(plan.calibration),
             }
         ),
     )

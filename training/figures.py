@@ -478,3 +478,101 @@ def fig7_confusion(
     acc = np.trace(cm) / n if n else float("nan")
     ax.set_title(f"{title}\nn={n}, accuracy {acc:.1%}", fontsize=11)
     return _save(fig, out)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def reliability_diagram(
+    calibration: Mapping[str, Any], out: str | Path, title: str | None = None
+) -> Path:
+    """Observed frequency against mean predicted probability per bin, before and after the
+    temperature, one panel per split, ECE in the legend (``training.calibration.calibrate``)."""
+    splits = calibration["splits"]
+    fig = _figure(5.4 * max(1, len(splits)) + 0.4, 5.6)
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(splits))))
+    t = calibration["temperature"]
+    for ax, (name, s) in zip(axes, splits.items(), strict=False):
+        ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1, label="perfect calibration")
+        for key, colour, what in (
+            ("before", "tab:red", "T = 1"),
+            ("after", "tab:blue", f"T = {t:.2f}"),
+        ):
+            r = s[f"reliability_{key}"]
+            keep = [i for i, n in enumerate(r["count"]) if n]
+            conf = [r["confidence"][i] for i in keep]
+            freq = [r["frequency"][i] for i in keep]
+            sizes = [12 + 60 * r["count"][i] / max(1, s["n"]) for i in keep]
+            ece = s[f"ece_{key}"]
+            ax.plot(conf, freq, color=colour, lw=1.5)
+            label = what if ece is None else f"{what}: ECE {ece:.3f}"
+            ax.scatter(conf, freq, s=sizes, color=colour, zorder=3, label=label)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"predicted probability ({calibration['ece_method']})", fontsize=8)
+        ax.set_ylabel("observed frequency")
+        ax.set_title(f"{name} ({s['n']} slices)", fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or f"Reliability diagram (temperature fitted on {calibration['fitted_on']})")
+    return _save(fig, out)
+
+
+def series_roc(
+    curves: Mapping[str, tuple[Any, Any]],
+    chosen: Mapping[str, Mapping[str, Any]],
+    out: str | Path,
+    targets: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Series ROC: sensitivity to non-diagnostic series against the false-alert rate (share of
+    diagnostic series flagged) over all series thresholds, one curve per split, the chosen
+    threshold's point marked (``chosen[split]``: rates with sensitivity, false_alert_rate and
+    counts), the targets (sensitivity, max false alerts) as dotted lines."""
+    from sklearn.metrics import roc_curve
+
+    fig = _figure(6.4, 6.0)
+    ax = fig.subplots()
+    colours = matplotlib.colormaps["tab10"].colors
+    if targets is not None:
+        ax.axhline(
+            targets[0], color="0.5", ls=":", lw=1, label=f"sensitivity target {targets[0]:.2f}"
+        )
+        ax.axvline(
+            targets[1], color="0.3", ls="--", lw=1, label=f"false-alert cap {targets[1]:.2f}"
+        )
+    for k, (name, (scores, positive)) in enumerate(curves.items()):
+        pos = np.asarray(positive, bool)
+        colour = colours[k % 10]
+        counts = f"{int(pos.sum())} non-diag. / {int((~pos).sum())} diag. series"
+        if pos.all() or not pos.any():
+            ax.plot([], [], color=colour, label=f"{name}: {counts} (no curve)")
+        else:
+            fpr, tpr, _ = roc_curve(pos, np.asarray(scores, np.float64), drop_intermediate=False)
+            ax.plot(fpr, tpr, color=colour, lw=1.8, label=f"{name}: {counts}")
+        c = chosen.get(name)
+        if c and c.get("sensitivity") is not None and c.get("false_alert_rate") is not None:
+            label = (
+                f"{name} at the chosen threshold: {c['n_flagged_positive']}/{c['n_positive']}"
+                f" flagged, {c['n_flagged_negative']}/{c['n_negative']} false alerts"
+            )
+            ax.scatter(
+                [c["false_alert_rate"]],
+                [c["sensitivity"]],
+                s=80,
+                facecolors="none",
+                edgecolors=colour,
+                linewidths=2,
+                zorder=4,
+                label=label,
+            )
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false-alert rate (diagnostic series flagged)")
+    ax.set_ylabel("sensitivity (non-diagnostic series flagged)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    ax.set_title(title or "Series ROC over the series threshold", fontsize=11)
+    return _save(fig, out)

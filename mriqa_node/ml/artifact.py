@@ -40,6 +40,9 @@ class ArtifactMeta:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     policy: dict[str, Any] = field(default_factory=lambda: SeriesPolicy().as_dict())
     output: str = "logits"  # what the model returns; the node applies softmax to logits
+    # Logits are divided by this before the softmax (temperature scaling, fitted on the
+    # validation split at export): calibrated probabilities. 1.0: as trained.
+    temperature: float = 1.0
     trained: bool = True
     training_data: dict[str, Any] = field(default_factory=dict)
     test_metrics: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +104,10 @@ def read_meta(directory: Path) -> ArtifactMeta:
         raise ArtifactError(f"{directory}: class 0 must be {NON_DIAGNOSTIC!r}")
     if meta.input_size != INPUT_SIZE:
         raise ArtifactError(f"{directory}: input size {meta.input_size}, node uses {INPUT_SIZE}")
+    if not (isinstance(meta.temperature, int | float) and 0 < meta.temperature < float("inf")):
+        raise ArtifactError(f"{directory}: temperature must be a positive number")
+    if meta.output != "logits" and meta.temperature != 1:
+        raise ArtifactError(f"{directory}: a temperature needs output 'logits'")
     SeriesPolicy.from_dict(meta.policy)  # validates
     return meta
 

@@ -39,7 +39,9 @@ class HeatMapper:
     The map explains the log-odds of the non-diagnostic class, log(p0 / (1 - p0)) =
     z0 - logsumexp(z1..): unlike the raw logit z0 it ignores evidence that raises every class
     alike (softmax is shift-invariant), and unlike log p0 or p0 its gradient does not vanish
-    when the model is confident, which is exactly when the console shows the map.
+    when the model is confident, which is exactly when the console shows the map. The artifact's
+    temperature is left out on purpose: it scales the log-odds, and each map is normalised to its
+    peak, so it cannot change a map.
     """
 
     def __init__(self, artifact_dir: Path, device: Device | None = None) -> None:

@@ -42,7 +42,8 @@ def detect_device() -> Device:
 
 
 class Scorer:
-    """Loads a model artifact and turns preprocessed slices into class probabilities."""
+    """Loads a model artifact and turns preprocessed slices into class probabilities (calibrated
+    with the artifact's temperature)."""
 
     def __init__(self, artifact_dir: Path, device: Device | None = None) -> None:
         import keras
@@ -55,10 +56,12 @@ class Scorer:
         with tf.device(self.device.name):
             self.model = keras.saving.load_model(self.artifact_dir / MODEL_FILE, compile=False)
         logits = self.meta.output == "logits"
+        temperature = float(self.meta.temperature)
 
         def forward(x: tf.Tensor) -> tf.Tensor:
+            """Calibrated probabilities: softmax(logits / T), the one place the node makes them."""
             y = tf.cast(self.model(x, training=False), tf.float32)
-            return tf.nn.softmax(y) if logits else y
+            return tf.nn.softmax(y / temperature) if logits else y
 
         self._forward = tf.function(
             forward,
@@ -74,16 +77,17 @@ class Scorer:
             )
             log.warning("=" * 78)
         log.info(
-            "model %s %s (%s, classes %s) on %s",
+            "model %s %s (%s, classes %s, temperature %.3g) on %s",
             self.meta.name,
             self.meta.version,
             self.meta.task,
             ",".join(self.meta.class_names),
+            self.meta.temperature,
             self.device.description,
         )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """[n, size, size, 1] float32 in [0, 1] -> [n, classes] probabilities."""
+        """[n, size, size, 1] float32 in [0, 1] -> [n, classes] calibrated probabilities."""
         import tensorflow as tf
 
         if batch.shape[0] == 0:
