@@ -60,10 +60,14 @@ def build_model(
     num_classes: int = 2,
     widths: Sequence[int] | None = None,
     width: int | None = None,
+    downsample: int = 1,
+    head: str = "flatten",
 ) -> keras.Model:
-    """``convnet`` takes ``widths`` (four), ``resnet10`` takes ``width`` (the first stage's)."""
+    """``convnet`` takes ``widths`` (four), ``downsample`` and ``head``; ``resnet10`` takes
+    ``width`` (the first stage's)."""
     if name == "convnet":
-        return convnet(input_size, num_classes, tuple(widths or (32, 64, 128, 256)))
+        widths = tuple(widths or (32, 64, 128, 256))
+        return convnet(input_size, num_classes, widths, downsample=downsample, head=head)
     if name == "resnet10":
         return resnet10(input_size, num_classes, int(width or 64))
     raise ValueError(f"unknown model {name!r} (one of {', '.join(MODELS)})")

@@ -32,6 +32,8 @@ from training.evaluate import (
     truth_of,
     write_json,
 )
+from training.export import PolicyPlan, plan_policy, split_series
+from training.realeval import real_anatomy_md, real_eval_of_manifest
 
 MODEL_LABEL = {"convnet": "ConvNet", "resnet10": "ResNet-10"}
 TASK_LABEL = {"binary": "binary", "3class": "3-class"}
@@ -487,6 +489,31 @@ def _run_report(
             title=f"Fig. 5 - {label}: ROC on the {split_name} split",
         )
 
+    if result.get("calibration"):
+        figs["reliability"] = _safe(
+            notes,
+            "Reliability diagram",
+            figures.reliability_diagram,
+            result["calibration"],
+            figdir / "reliability.png",
+            title=f"{label}: reliability before and after temperature scaling",
+        )
+    result["operating_point"] = None
+    plan = None
+    if {"val_series_uids", "val_probs"} <= preds.keys():
+        plan = _safe(notes, "Series operating point", plan_policy, preds)
+        if plan is not None:
+            result["operating_point"] = {**plan.operating_point, "test": plan.test["series"]}
+            figs["series_roc"] = _safe(
+                notes, "Series ROC", _draw_series_roc, plan, figdir / "series_roc.png", label
+            )
+    result["real_anatomy"] = None
+    mpath_real = _manifest_path(manifest, cfg)
+    if plan is not None and mpath_real is not None:
+        result["real_anatomy"] = _safe(
+            notes, "Real anatomy", real_eval_of_manifest, preds, mpath_real, plan
+        )
+
     mpath = _manifest_path(manifest, cfg)
     if mpath is not None:
         src6: Any = mpath
@@ -549,6 +576,65 @@ def _run_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out, result, figs
+
+
+def _draw_series_roc(plan: PolicyPlan, out: Path, label: str) -> Path:
+    """The series ROC of val and test (calibrated) with the chosen threshold marked."""
+    op = plan.operating_point
+    splits = [s for s in ("val", "test") if f"{s}_series_uids" in plan.predictions]
+    curves = {s: split_series(plan.predictions, s, plan.policy) for s in splits}
+    chosen = {"val": op["series"], "test": plan.test.get("series")}
+    return figures.series_roc(
+        curves,
+        chosen,
+        out,
+        targets=(op["target_sensitivity"], op["max_false_alerts"]),
+        title=f"{label}: series ROC, threshold {op['series_threshold']:.4g} chosen on val",
+    )
+
+
+def _calibration_md(cal: Mapping[str, Any] | None) -> list[str]:
+    if not cal:
+        return ["_No val split: no temperature fitted._", ""]
+    lines = [
+        f"Temperature T = {_num(cal['temperature'])}, fitted on the {cal['fitted_on']} split "
+        f"(minimum NLL; logits: {cal['logits']}); the exported model divides its logits by T. "
+        f"ECE: {cal['ece_method']}.",
+        "",
+    ]
+    keys = ("ece_before", "ece_after", "nll_before", "nll_after")
+    rows = [[name, s["n"], *(_num(s[k]) for k in keys)] for name, s in cal["splits"].items()]
+    return lines + _table(
+        ["split", "n", "ECE before", "ECE after", "NLL before", "NLL after"], rows
+    )
+
+
+def _operating_point_md(op: Mapping[str, Any] | None) -> list[str]:
+    if not op:
+        return ["_No series operating point: no series ids in predictions.npz, or see Notes._", ""]
+    lines = [
+        f"What `mriqa-train export` chooses with its defaults, on the calibrated val series: "
+        f"sensitivity to non-diagnostic series >= {_num(op['target_sensitivity'], 2)} with at "
+        f"most {_num(op['max_false_alerts'], 2)} of diagnostic series flagged. Slice threshold "
+        f"{op['slice_threshold']:.4g}, series threshold {op['series_threshold']:.4g} "
+        f"(top fraction {op['top_fraction']}).",
+        "",
+    ]
+    if op["sensitivity_met"] is False:
+        lines += ["**The sensitivity target is not met** under the false-alert cap.", ""]
+    rows = []
+    for name, r in (("val", op["series"]), ("test", op.get("test"))):
+        if r:
+            rows.append(
+                [
+                    name,
+                    f"{r['n_positive']} / {r['n_negative']}",
+                    f"{_num(r['sensitivity'])} ({r['n_flagged_positive']}/{r['n_positive']})",
+                    f"{_num(r['false_alert_rate'])} ({r['n_flagged_negative']}/{r['n_negative']})",
+                ]
+            )
+    lines += _table(["split", "series non-diag. / diag.", "sensitivity", "false-alert rate"], rows)
+    return lines + [f"- {w}" for w in op["warnings"]] + ([""] if op["warnings"] else [])
 
 
 def activation_change_of(maps: Mapping[str, Any]) -> dict[str, Any]:
@@ -645,6 +731,14 @@ def _run_markdown(
     _image(lines, figs.get("fig4"), "Fig. 4 accuracy curves", base)
     lines += ["## ROC (Fig. 5)", ""]
     _image(lines, figs.get("fig5"), "Fig. 5 ROC curves", base)
+    lines += ["## Calibration", ""]
+    lines += _calibration_md(result.get("calibration"))
+    _image(lines, figs.get("reliability"), "Reliability diagram", base)
+    lines += ["## Series operating point", ""]
+    lines += _operating_point_md(result.get("operating_point"))
+    _image(lines, figs.get("series_roc"), "Series ROC", base)
+    lines += ["## Real anatomy never seen in training (test split, per source)", ""]
+    lines += real_anatomy_md(result.get("real_anatomy"))
     lines += ["## Raters (Fig. 6)", ""]
     lines += _rater_md(split.get("raters"))
     if jac is not None:

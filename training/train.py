@@ -62,7 +62,8 @@ HISTORY_COLUMNS = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "se
 # Settings a resumed run must share with the run it continues (steps and the rest may change).
 RESUME_KEYS = (
     "model", "task", "label", "batch", "lr", "input_size", "widths", "width",
-    "class_weights", "seed", "fractions", "manifest_sha256",
+    "class_weights", "seed", "fractions", "manifest_sha256", "downsample", "head", "augment",
+    "val_patients", "test_patients",
 )  # fmt: skip
 
 
@@ -79,6 +80,13 @@ class TrainConfig:
     input_size: int = 512
     widths: tuple[int, ...] = (32, 64, 128, 256)  # convnet
     width: int = 64  # resnet10: first stage's width
+    downsample: int = 1  # convnet: average-pool the input by this factor first
+    head: str = "flatten"  # convnet: flatten (the paper) or gap (global average pooling)
+    augment: bool = False  # flips, transposes, gamma and gain on the fly (training batches)
+    # Patients (fnmatch patterns) held out as the validation / test split whatever the
+    # fractions say: a named held-out source, e.g. one vendor's subjects.
+    val_patients: tuple[str, ...] = ()
+    test_patients: tuple[str, ...] = ()
     class_weights: bool = False  # inverse class frequency weights in the loss
     seed: int = 0
     eval_every: int = 200
@@ -95,6 +103,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
         self.fractions = tuple(float(f) for f in self.fractions)
+        self.val_patients = tuple(self.val_patients)
+        self.test_patients = tuple(self.test_patients)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.steps < 0 or self.batch < 1 or self.eval_every < 1 or self.checkpoint_every < 1:
@@ -105,6 +115,8 @@ class TrainConfig:
         for key in ("manifest", "out_dir", "cache_dir"):
             out[key] = None if out[key] is None else str(out[key])
         out["widths"], out["fractions"] = list(self.widths), list(self.fractions)
+        out["val_patients"] = list(self.val_patients)
+        out["test_patients"] = list(self.test_patients)
         return out
 
     @classmethod
@@ -113,7 +125,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {"widths": self.widths} if self.model == "convnet" else {"width": self.width}
+        if self.model == "convnet":
+            return {"widths": self.widths, "downsample": self.downsample, "head": self.head}
+        return {"width": self.width}
 
 
 # --- runtime selection ----------------------------------------------------------------------
@@ -265,10 +279,7 @@ def _prepare_data(
         where = {p: s for s in SPLITS for p in saved["patients"][s]}
         splits = {s: [r for r in kept_records if where.get(r.patient_id) == s] for s in SPLITS}
     else:
-        splits = split_by_patient(
-            kept_records, [labels[r.sop_instance_uid] for r in kept_records],
-            config.fractions, config.seed,
-        )  # fmt: skip
+        splits = _split(kept_records, labels, config)
         if chief:
             report = split_report(splits, labels)
             _write_json(
@@ -296,6 +307,28 @@ def _prepare_data(
     if len(data["train"].samples) == 0:
         raise ValueError("the training split has no decodable image")
     return data, cache
+
+
+def _split(records: list[Record], labels: dict[str, int], config: TrainConfig):
+    """Named held-out patients first (``val_patients``, ``test_patients``), the rest by
+    patient in the configured fractions."""
+    from fnmatch import fnmatchcase
+
+    def held(r: Record, patterns: Sequence[str]) -> bool:
+        return any(fnmatchcase(r.patient_id, p) for p in patterns)
+
+    fixed = {
+        "val": [r for r in records if held(r, config.val_patients)],
+        "test": [r for r in records if held(r, config.test_patients)],
+    }
+    taken = {r.patient_id for rs in fixed.values() for r in rs}
+    rest = [r for r in records if r.patient_id not in taken]
+    splits = split_by_patient(
+        rest, [labels[r.sop_instance_uid] for r in rest], config.fractions, config.seed
+    )
+    for name, rs in fixed.items():
+        splits[name] = rs + splits[name]
+    return splits
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -385,7 +418,7 @@ def train(config: TrainConfig, strategy: Any = None) -> Path:
         train_ds = make_dataset(
             cache, data["train"].samples.rows, train_y, config.batch,
             shuffle=True, repeat=True, seed=config.seed + start,  # fresh order after a resume
-            dtype=transport or "float32",
+            dtype=transport or "float32", augment=config.augment,
         )  # fmt: skip
         iterator = iter(strategy.experimental_distribute_dataset(train_ds))
         writer = tf.summary.create_file_writer(str(out / "tb")) if chief else None
@@ -487,10 +520,9 @@ class _Evaluator:
         return total[0] / total[2], total[1] / total[2]
 
     def predict(self, ds) -> np.ndarray:
-        import tensorflow as tf
-
+        """[n, classes] raw logits (the export fits its temperature on them)."""
         out = [np.zeros((0, self.model.output_shape[-1]), np.float32)]
-        out += [tf.nn.softmax(self.logits(x)).numpy() for x, _ in ds]
+        out += [self.logits(x).numpy() for x, _ in ds]
         return np.concatenate(out)
 
 
@@ -567,11 +599,14 @@ def _scalar(tag: str, value: float, step: int) -> None:
 def _predict(evaluator, cache: ImageCache, data: dict[str, SplitData], config, path) -> None:
     """predictions.npz, per split in (val, test), keys ``{split}_{field}``:
 
-    probs [n, classes] softmax of the logits; labels (training labels); label3 (3-class label
-    of the label source); raters [n, r] (-1 unrated, columns in ``rater_names``); truth (-1 if
-    unknown); patient_ids, series_uids, sop_uids; frames (frame within the file); instance.
+    logits [n, classes] the model's output; probs their softmax (temperature 1); labels
+    (training labels); label3 (3-class label of the label source); raters [n, r] (-1 unrated,
+    columns in ``rater_names``); truth (-1 if unknown); patient_ids, series_uids, sop_uids;
+    frames (frame within the file); instance.
     Plus task, class_names, label_source. Strings are unicode arrays (no pickle needed).
     """
+    from training.calibration import softmax
+
     rater_names = rater_columns(r for d in data.values() for r in d.records)
     out: dict[str, Any] = {
         "task": np.str_(config.task),
@@ -583,7 +618,8 @@ def _predict(evaluator, cache: ImageCache, data: dict[str, SplitData], config, p
         d = data[split]
         recs = [d.records[i] for i in d.samples.record]
         ds = make_dataset(cache, d.samples.rows, d.labels, config.batch, drop_remainder=False)
-        out[f"{split}_probs"] = evaluator.predict(ds)
+        out[f"{split}_logits"] = evaluator.predict(ds)
+        out[f"{split}_probs"] = softmax(out[f"{split}_logits"]).astype(np.float32)
         out[f"{split}_labels"] = d.labels.astype(np.int32)
         out[f"{split}_label3"] = np.asarray(
             [_or(label_of(r, config.label)) for r in recs], np.int32
