@@ -1,5 +1,5 @@
 """The synthetic training-data generator: reproducible, valid DICOM, physically plausible motion,
-raters who disagree like people do.
+domain randomisation, raters who disagree like people do.
 
 Training results are only comparable if the same seed gives the same data, and the node's tests of
 the model are only meaningful if the files are what a scanner would send. Sizes are tiny (64-128
@@ -20,10 +20,10 @@ import pydicom
 import pytest
 from pydicom.uid import MRImageStorage
 
+from mriqa_node.phantom.anatomy import draw_subject, render_series
 from mriqa_node.preprocess import preprocess
 from training.evaluate import cohen_kappa, jaccard_matrix
 from training.synth import MANIFEST_COLUMNS, SynthConfig, apply_motion, generate, rate
-from training.synth.anatomy import draw_subject, render_series
 
 TINY = SynthConfig(subjects=3, slices_per_subject=(3, 4), size=64, seed=11, workers=1)
 
@@ -64,6 +64,22 @@ def test_other_seed_other_data(tiny: Path, tmp_path: Path) -> None:
     mine = pydicom.dcmread(tiny.parent / _rows(tiny)[0]["path"])
     assert first.StudyInstanceUID != mine.StudyInstanceUID
     assert first.PixelData != mine.PixelData
+
+
+def test_randomise_is_configured_and_changes_only_the_look(tiny: Path, tmp_path: Path) -> None:
+    summary = json.loads((tiny.parent / "summary.json").read_text())
+    assert TINY.randomise == 1.0 and summary["config"]["randomise"] == 1.0
+    reference = generate(SynthConfig(**{**TINY.__dict__, "randomise": 0.0}), tmp_path)
+    mine, other = _rows(tiny), _rows(reference)
+    # Same subjects, slice counts and UIDs (the randomisation has a stream of its own) ...
+    keys = ("patient_id", "series_uid", "sop_instance_uid", "instance")
+    assert [[r[k] for k in keys] for r in mine] == [[r[k] for k in keys] for r in other]
+    # ... but other images.
+    a = pydicom.dcmread(tiny.parent / mine[0]["path"]).pixel_array
+    b = pydicom.dcmread(reference.parent / other[0]["path"]).pixel_array
+    assert not np.array_equal(a, b)
+    with pytest.raises(ValueError):
+        generate(SynthConfig(**{**TINY.__dict__, "randomise": -0.1}), tmp_path / "bad")
 
 
 def test_manifest_columns_files_and_preprocessing(tiny: Path) -> None:

@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=defaults.seed)
     ap.add_argument("--workers", type=int, default=defaults.workers, help="0: all CPUs")
     ap.add_argument("--motion-fraction", type=float, default=defaults.motion_fraction)
+    ap.add_argument(
+        "--randomise",
+        type=float,
+        default=defaults.randomise,
+        help="domain randomisation strength, 0 (reference T2 look) .. 1 (full)",
+    )
     ap.add_argument("--montage", type=Path, help="also save a PNG montage of examples per class")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         workers=args.workers,
         motion_fraction=args.motion_fraction,
+        randomise=args.randomise,
     )
     manifest = generate(config, args.out_dir, progress=not args.quiet)
     summary = json.loads((manifest.parent / "summary.json").read_text())

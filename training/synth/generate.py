@@ -1,11 +1,11 @@
 """The synthetic data set: subjects in parallel, DICOM files, manifest.csv and summary.json.
 
-Each subject is computed from its own random streams, seeded from (seed, subject index) only,
-so the result is identical whatever the number of worker processes and whatever order they
-finish in. Per subject: habitus and anatomy, an FSE acquisition protocol, a breathing trace
-and possibly bulk motion over the real acquisition timeline (slices interleaved within
-packages, so neighbouring slices see different breathing phases), k-space corruption, noise,
-true severity from the image error, and the labels of two simulated raters.
+Each subject is acquired by the phantom core (``mriqa_node.phantom.scan``, shared with the demo
+scanner) from random streams keyed by (seed, subject index) only, so the result is identical
+whatever the number of worker processes and whatever order they finish in. This module adds
+what makes it a data set: how many slices and how much motion each subject gets, domain
+randomisation at the configured strength, the true severity of every slice, the labels of two
+simulated raters, the manifest and a summary.
 """
 
 from __future__ import annotations
@@ -23,30 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mriqa_node.phantom import Header, MotionPlan, datasets, scan, stream, uid, write_series
 from training.evaluate import cohen_kappa, jaccard_matrix
 from training.manifest import BASE_COLUMNS, TAIL_COLUMNS
 
-from .anatomy import coil_field, draw_subject, render_series
-from .dicom import MAX_VALUE, SeriesInfo, uids, write_series
-from .motion import (
-    Acquisition,
-    Breathing,
-    BulkMotion,
-    SliceMotion,
-    anterior_weight,
-    fft2,
-    ifft2,
-    motion_kspace,
-    severity_from_error,
-    steady,
-)
 from .raters import TRUTH_THRESHOLDS, classify, rate
 
 __all__ = ["MANIFEST_COLUMNS", "SynthConfig", "generate"]
 
 MANIFEST_COLUMNS = (*BASE_COLUMNS, "rater1", "rater2", *TAIL_COLUMNS)  # the manifest contract
-SIGNAL_SCALE = 1400.0  # stored value of subcutaneous fat at the coil-field centre
 _STREAM_TAG = 0x53594E54  # "SYNT": separates these streams from any other use of the seed
+# Median anterior-wall excursion of the free breathers. With full domain randomisation the moving
+# wall is less often the brightest tissue (fainter ghosts): 7 mm puts the default set's class mix
+# at the paper's (3.5 mm did so for the reference T2 look alone).
+BREATHING_MEDIAN_MM = 7.0
 
 
 @dataclass(frozen=True)
@@ -59,9 +49,14 @@ class SynthConfig:
     seed: int = 0
     workers: int = 0  # 0: os.cpu_count()
     # Share of subjects who breathe freely with a visible excursion (the rest lie still or
-    # were triggered well and show at most faint ghosts); tuned so that the class mix is
-    # close to the paper's 518 / 1220 / 372 (non-diagnostic / diagnostic / excellent).
+    # were triggered well and show at most faint ghosts); with BREATHING_MEDIAN_MM tuned so
+    # that the class mix is close to the paper's 518 / 1220 / 372 (non-diagnostic /
+    # diagnostic / excellent) at the default randomise.
     motion_fraction: float = 0.9
+    # Domain randomisation strength (mriqa_node.phantom.randomise): 0 every subject has the
+    # reference T2 look, 1 tissue contrasts, textures, edges, resolution, bias field and noise
+    # are fully random.
+    randomise: float = 1.0
 
 
 def generate(config: SynthConfig, out_dir: Path, progress: bool = True) -> Path:
@@ -72,6 +67,8 @@ def generate(config: SynthConfig, out_dir: Path, progress: bool = True) -> Path:
         raise ValueError("need subjects >= 1 and 1 <= slices_per_subject[0] <= [1]")
     if config.size < 32:
         raise ValueError("size must be >= 32")
+    if not 0.0 <= config.randomise <= 1.0:
+        raise ValueError("randomise must be within [0, 1]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = config.workers or os.cpu_count() or 1
@@ -183,163 +180,64 @@ def _subject(config: SynthConfig, index: int, out_dir: str) -> list[dict]:
 
 
 def _subject_impl(config: SynthConfig, index: int, out_dir: Path) -> list[dict]:
-    """One subject end to end: protocol, anatomy, motion over the acquisition timeline,
-    k-space acquisition of every slice (noise-free for the severity, noisy for the file),
-    DICOM series and manifest rows. Five independent random streams (anatomy, protocol,
-    motion, noise, raters) keep e.g. the anatomy unchanged when the motion model changes."""
-    streams = np.random.SeedSequence([config.seed, index, _STREAM_TAG]).spawn(5)
-    r_anat, r_acq, r_mot, r_noise, r_rate = (np.random.default_rng(s) for s in streams)
-    size = config.size
-    sub = draw_subject(r_anat)
-
-    # --- protocol --------------------------------------------------------------------------
+    """One subject end to end: slice count and motion plan, the acquisition with true
+    severities, the DICOM series and its manifest rows."""
+    key = (config.seed, index, _STREAM_TAG)
     lo, hi = config.slices_per_subject
-    n = int(r_acq.integers(lo, hi + 1))
-    thickness = float(r_acq.choice([5.0, 6.0, 6.0, 7.0]))
-    spacing = thickness + round(float(r_acq.uniform(0.5, 2.0)), 1)
-    etl = int(r_acq.choice([12, 16, 16, 20]))
-    etl = max(2, min(etl, size // 16))
-    n_pe = max(etl * 2, etl * round(size * float(r_acq.choice([0.5, 0.5625, 0.625])) / etl))
-    n_ro = round(size * float(r_acq.choice([0.625, 0.75])))
-    nex = int(r_acq.choice([1, 2, 2, 3]))
-    te_s = float(r_acq.uniform(0.08, 0.105))  # effective TE: the k-space centre's echo
-    acq = Acquisition(
-        size=size,
-        n_pe=n_pe,
-        n_ro=n_ro,
-        etl=etl,
-        tr_s=float(r_acq.uniform(3.0, 5.0)),
-        esp_s=te_s / max(etl // 2, 1),
-        nex=nex,
-    )
-    pixel_mm = sub.fov_mm / size
-
-    # --- anatomy: one extra slice above the slab, for through-plane motion -----------------
-    zeta_top = float(r_acq.uniform(0.95, 1.06))
-    zetas = zeta_top - (np.arange(n + 1) - 1) * spacing / sub.anat_len_mm
-    anat = render_series(sub, zetas, size)
-    anat.image *= coil_field(sub, size)[None]
-
-    # --- motion over the acquisition timeline ------------------------------------------------
-    per_tr = max(1, int(acq.tr_s / (etl * acq.esp_s + 0.03)))
-    packages = -(-n // per_tr)
-    package_s = acq.shots * nex * acq.tr_s
-    duration = packages * package_s
-    # Scalars first, then the trace and the events from their own streams, so that no motion
-    # parameter depends on how many random numbers the trace of this protocol needed.
-    trace_ss, bulk_ss = np.random.SeedSequence([config.seed, index, _STREAM_TAG, 1]).spawn(2)
-    breather = r_mot.random() < config.motion_fraction
-    if breather:
-        amp_mm = float(np.clip(np.exp(r_mot.normal(np.log(3.5), 0.5)), 0.8, 25.0))
-    else:
-        amp_mm = float(r_mot.uniform(0.0, 1.5))
-    period, irregular = float(r_mot.uniform(3.2, 6.0)), float(r_mot.uniform(0.05, 0.35))
-    restless = r_mot.random() < (0.3 if breather else 0.1)
-    events = 1 + int(r_mot.poisson(0.8)) if restless else 0
-    shift_mm, rot_deg = float(r_mot.uniform(1.0, 4.0)), float(r_mot.uniform(0.5, 3.0))
-    si_ratio = float(r_mot.uniform(1.0, 2.0))  # organ SI excursion / anterior wall excursion
-    trace = Breathing.draw(duration, np.random.default_rng(trace_ss), period, irregular)
-    bulk = BulkMotion.draw(
-        duration, np.random.default_rng(bulk_ss), events, shift_mm / pixel_mm, rot_deg
-    )
-    slice_gain = np.exp(0.25 * r_mot.standard_normal(n))
-    noise_sigma = 1.0 / float(r_noise.uniform(22.0, 55.0))  # fat SNR 22..55
-    wpe, wro = acq.window()
-    window = wpe[:, None] * wro[None, :]
-    noise_scale = noise_sigma * size * size / float(np.sqrt(np.sum(window**2)))
-    acquired = window > 0
-
-    per_package = -(-n // packages)
-    images = np.empty((n, size, size), np.float32)
-    severity = np.empty(n)
-    cav_above_k = None
-    for j in range(n + 1):
-        clean = anat.image[j]
-        ant = anterior_weight(anat.body[j])
-        cav_w = anat.cavity[j] * (0.3 + 0.7 * ant)
-        cav_k = fft2(clean * cav_w)
-        if j == 0:  # the slice above the slab only lends its content
-            cav_above_k = cav_k
-            continue
-        i = j - 1
-        package, slot = i % packages, i // packages
-        order = (slot // 2) if slot % 2 == 0 else (per_package + 1) // 2 + slot // 2  # interleaved
-        times = acq.times(package * package_s + order * acq.tr_s / per_package)
-        d = trace.at(times)
-        amp_px = amp_mm / pixel_mm * (0.6 + 0.5 * float(np.clip(zetas[j], 0, 1))) * slice_gain[i]
-        motion = SliceMotion(
-            wall_px=-amp_px * d,
-            cav_px=-0.3 * amp_px * d,
-            through=np.clip(si_ratio * amp_px * pixel_mm * d / spacing, 0.0, 1.0),
-            pose=bulk.index(times),
-            bulk=bulk,
-        )
-        clean_k = fft2(clean)
-        wall_k = fft2(clean * (anat.body[j] - anat.cavity[j]).clip(0, 1) * ant)
-        k = motion_kspace(clean, clean_k, motion, wall_k, cav_k, cav_above_k)
-        still = motion_kspace(clean, clean_k, steady(motion, wpe), wall_k, cav_k, cav_above_k)
-        cav_above_k = cav_k
-        ref = np.abs(ifft2(still * window))  # magnitude: Gibbs undershoots fold up too
-        k *= window
-        moved = ifft2(k)
-        err = float(np.linalg.norm(np.abs(moved) - ref) / max(np.linalg.norm(ref), 1e-12))
-        severity[i] = float(severity_from_error(err))
-        noise = np.zeros((size, size), np.complex64)
-        count = int(np.count_nonzero(acquired))
-        draw = r_noise.standard_normal((2, count), dtype=np.float32) * np.float32(noise_scale)
-        noise[acquired] = (draw[0] + 1j * draw[1]) * window[acquired]
-        moved += ifft2(noise)
-        images[i] = np.abs(moved)
-
-    # --- store ------------------------------------------------------------------------------
-    gain = SIGNAL_SCALE * float(r_acq.uniform(0.8, 1.2))
-    pixels = np.clip(np.rint(images * gain), 0, MAX_VALUE).astype(np.uint16)
-    body = anat.body[1:, ::4, ::4] > 0.5
-    sample = pixels[:, ::4, ::4][body]
-    lo_v, hi_v = np.percentile(sample, (0.5, 99.5)) if sample.size else (0.0, MAX_VALUE)
-    window_cw = ((lo_v + hi_v) / 2.0, max(hi_v - lo_v, 2.0))
+    n = int(stream(key, "slices").integers(lo, hi + 1))
+    plan = _motion_plan(stream(key, "plan"), config.motion_fraction)
+    result = scan(key, n, config.size, plan, config.randomise, severity=True)
     pid = f"SYN{index + 1:04d}"
-    study_uid, series_uid, _ = uids(config.seed, index)
-    male = r_acq.random() < 0.5
-    info = SeriesInfo(
-        seed=config.seed,
-        index=index,
+    header = Header(
         patient_id=pid,
-        sex="M" if male else "F",
-        age_years=int(r_acq.integers(19, 76)),
-        weight_kg=55.0 + 55.0 * sub.obesity + (10.0 if male else 0.0),
-        height_m=float(r_acq.uniform(1.58, 1.9) + (0.06 if male else 0.0)),
-        fov_mm=sub.fov_mm,
-        thickness_mm=thickness,
-        spacing_mm=spacing,
-        n_pe=n_pe,
-        n_ro=n_ro,
-        etl=etl,
-        tr_ms=acq.tr_s * 1000.0,
-        te_ms=te_s * 1000.0,
-        nex=nex,
-        field_t=sub.field_t,
+        patient_name=f"SYNTHETIC^{pid}",
+        study_uid=uid("synth-study", config.seed, index),
+        series_uid=uid("synth-series", config.seed, index),
+        frame_uid=uid("synth-frame-of-reference", config.seed, index),
+        series_number=3,
+        series_description="T2 FSE AX",
     )
-    series_dir = out_dir / "dicom" / pid / series_uid
-    written = write_series(info, pixels, series_dir, window_cw)
-    r1 = rate(severity, 1, r_rate)
-    r2 = rate(severity, 2, r_rate)
+    series = datasets(header, result)
+    paths = write_series(series, out_dir / "dicom" / pid / header.series_uid)
+    severity = result.severity
+    raters = stream(key, "raters")
+    r1, r2 = rate(severity, 1, raters), rate(severity, 2, raters)
     truth = classify(severity)
     return [
         {
             "path": path.relative_to(out_dir).as_posix(),
             "patient_id": pid,
-            "study_uid": study_uid,
-            "series_uid": series_uid,
-            "sop_instance_uid": sop,
+            "study_uid": header.study_uid,
+            "series_uid": header.series_uid,
+            "sop_instance_uid": ds.SOPInstanceUID,
             "instance": i + 1,
             "rater1": int(r1[i]),
             "rater2": int(r2[i]),
             "severity": f"{severity[i]:.4f}",
             "true_class": int(truth[i]),
         }
-        for i, (path, sop) in enumerate(written)
+        for i, (path, ds) in enumerate(zip(paths, series, strict=True))
     ]
+
+
+def _motion_plan(rng: np.random.Generator, motion_fraction: float) -> MotionPlan:
+    """How one subject of the data set moves: most breathe freely (log-normal excursion), the
+    rest lie still or were triggered well; some are restless (bulk rigid moves)."""
+    breather = rng.random() < motion_fraction
+    if breather:
+        amp_mm = float(np.clip(np.exp(rng.normal(np.log(BREATHING_MEDIAN_MM), 0.5)), 0.8, 25.0))
+    else:
+        amp_mm = float(rng.uniform(0.0, 1.5))
+    restless = rng.random() < (0.3 if breather else 0.1)
+    return MotionPlan(
+        amp_mm=amp_mm,
+        period_s=float(rng.uniform(3.2, 6.0)),
+        irregular=float(rng.uniform(0.05, 0.35)),
+        si_ratio=float(rng.uniform(1.0, 2.0)),  # organ SI excursion / anterior wall excursion
+        events=1 + int(rng.poisson(0.8)) if restless else 0,
+        shift_mm=float(rng.uniform(1.0, 4.0)),
+        rot_deg=float(rng.uniform(0.5, 3.0)),
+    )
 
 
 def _round(value: float | None) -> float | None:

@@ -60,7 +60,8 @@ def montage(
             if c == 0:
                 ax.set_ylabel(f"{cls}: {CLASS_NAMES[cls]}", fontsize=10)
     fig.suptitle(
-        "Synthetic axial T2 FSE abdomen by true class (phase encoding vertical)", fontsize=11
+        "Synthetic axial FSE abdomen (domain-randomised) by true class (phase encoding vertical)",
+        fontsize=11,
     )
     fig.tight_layout()
     out_png = Path(out_png)

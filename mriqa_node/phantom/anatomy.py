@@ -9,7 +9,8 @@ lung bases appear at the top, and vertebral discs pass by every few slices.
 
 Signal scale (T2 FSE without fat suppression): subcutaneous fat 1, CSF and bile ~1.4, liver and
 muscle dark (~0.3 / 0.2), spleen and kidneys intermediate, air, cortical bone and flowing blood
-black. Coil shading, acquisition blur and Rician noise are added later (``motion``/``generate``).
+black: the reference look, which ``randomise`` changes per subject. Coil shading, acquisition
+blur and Rician noise are added at acquisition (``acquire``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .organs import Frame, ribs, spine, viscera
-from .shapes import Blob, Canvas, Tex, smooth_field
+from .shapes import REFERENCE_LOOK, Blob, Canvas, Look, Tex, smooth_field
 
 __all__ = ["SliceAnatomy", "Subject", "coil_field", "draw_subject", "render_series"]
 
@@ -179,7 +180,9 @@ class Fields:
         return f
 
 
-def render_series(sub: Subject, zetas: np.ndarray, size: int) -> SliceAnatomy:
+def render_series(
+    sub: Subject, zetas: np.ndarray, size: int, look: Look = REFERENCE_LOOK
+) -> SliceAnatomy:
     """Render every slice position of one subject (zeta: 0 inferior .. 1 liver dome)."""
     fields = Fields(sub, size)
     n = len(zetas)
@@ -187,11 +190,11 @@ def render_series(sub: Subject, zetas: np.ndarray, size: int) -> SliceAnatomy:
     cav = np.empty_like(img)
     body = np.empty_like(img)
     for i, z in enumerate(zetas):
-        img[i], cav[i], body[i] = _render_slice(sub, fields, float(z))
+        img[i], cav[i], body[i] = _render_slice(sub, fields, float(z), look)
     return SliceAnatomy(img, cav, body)
 
 
-def _render_slice(sub: Subject, f: Fields, z: float):
+def _render_slice(sub: Subject, f: Fields, z: float, look: Look):
     J, S = sub.jit, sub.sig
     mm = 2.0 / sub.fov_mm
     zmm = z * sub.anat_len_mm
@@ -202,7 +205,7 @@ def _render_slice(sub: Subject, f: Fields, z: float):
     warp = 6.0 * mm
     X = f.x + np.float32(warp) * f.blend(f.warp[:2], zmm / 90.0 + 3 * J("wx"))
     Y = f.y + np.float32(warp) * f.blend(f.warp[2:], zmm / 90.0 + 3 * J("wy"))
-    main = Canvas(X, Y, 0.0, margin=warp * 2.5, fine=fine, coarse=coarse)
+    main = Canvas(X, Y, 0.0, margin=warp * 2.5, fine=fine, coarse=coarse, look=look)
 
     # --- body wall: subcutaneous fat, muscle, cavity --------------------------------------
     ob = sub.obesity
@@ -260,7 +263,7 @@ def _render_slice(sub: Subject, f: Fields, z: float):
     got = main.cover(cavity)
     if got is not None:
         cav_cov[got[1]] = got[0]
-    cav_img = viscera(sub, f, fr, X, Y, fine, coarse, warp)
+    cav_img = viscera(sub, f, fr, main)
     main.img += cav_cov * (cav_img - main.img)
 
     spine(main, sub, fr)

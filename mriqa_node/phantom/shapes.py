@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-__all__ = ["Blob", "Canvas", "Tex", "capsule", "smooth_field"]
+__all__ = ["REFERENCE_LOOK", "Blob", "Canvas", "Look", "Tex", "capsule", "smooth_field"]
 
 
 def smooth_field(rng: np.random.Generator, size: int, cells: float) -> np.ndarray:
@@ -105,21 +105,45 @@ def capsule(p0: tuple[float, float], p1: tuple[float, float], r: float, soft: fl
 
 
 @dataclass(frozen=True)
+class Look:
+    """How tissue is rendered; the defaults are the reference look, domain randomisation
+    (``randomise``) changes them per subject."""
+
+    texture: float = 1.0  # gain of every organ texture (``Tex``)
+    grain: float = 0.0  # texture amplitude for tissues painted with a plain value
+    edge: float = 1.0  # width of the partial-volume edge ramps, in multiples of one pixel
+
+
+REFERENCE_LOOK = Look()
+
+
+@dataclass(frozen=True)
 class Tex:
-    """A tissue signal with multiplicative texture: value * (1 + fine * a + coarse * b)."""
+    """A tissue signal with multiplicative texture: value * (1 + g * (fine * a + coarse * b)),
+    ``g`` the canvas's texture gain; never below a tenth of the value (no negative tissue)."""
 
     value: float
     fine: float = 0.0
     coarse: float = 0.0
 
     def at(self, cv: Canvas, box: tuple[slice, slice]) -> np.ndarray:
-        out = np.full(cv.X[box].shape, 1.0, np.float32)
+        out = np.zeros(cv.X[box].shape, np.float32)
         if self.fine and cv.fine is not None:
             out += np.float32(self.fine) * cv.fine[box]
         if self.coarse and cv.coarse is not None:
             out += np.float32(self.coarse) * cv.coarse[box]
+        out *= np.float32(cv.look.texture)
+        out += np.float32(1.0)
+        np.maximum(out, np.float32(0.1), out=out)
         out *= np.float32(self.value)
         return out
+
+    @classmethod
+    def grained(cls, value: float, grain: float) -> Tex:
+        """A plain value with ``grain`` texture whose fine/coarse mix depends on the value, so
+        neighbouring tissues do not share one pattern."""
+        phase = 7.0 * value
+        return cls(value, grain * float(np.cos(phase)), grain * float(np.sin(phase)))
 
 
 class Canvas:
@@ -137,9 +161,11 @@ class Canvas:
         margin: float = 0.0,
         fine: np.ndarray | None = None,
         coarse: np.ndarray | None = None,
+        look: Look = REFERENCE_LOOK,
     ) -> None:
         self.X, self.Y = X, Y
         self.fine, self.coarse = fine, coarse
+        self.look = look
         self.size = X.shape[0]
         self.margin = margin
         self.px = 2.0 / self.size
@@ -149,7 +175,7 @@ class Canvas:
             self.img = np.full(X.shape, fill, dtype=np.float32)
 
     def box(self, blob: Blob) -> tuple[slice, slice] | None:
-        reach = blob.reach() + self.margin + 3 * blob.soft * self.px
+        reach = blob.reach() + self.margin + 3 * blob.soft * self.look.edge * self.px
         n = self.size
 
         def span(c: float) -> tuple[int, int]:
@@ -213,12 +239,13 @@ class Canvas:
         return r
 
     def cover(self, blob: Blob) -> tuple[np.ndarray, tuple[slice, slice]] | None:
-        """Coverage 0..1 of the blob inside its box (a ~1 px partial-volume ramp at the edge)."""
+        """Coverage 0..1 of the blob inside its box (a partial-volume ramp at the edge, ~1 px
+        times the look's ``edge``)."""
         box = self.box(blob)
         if box is None:
             return None
         sd = self.sdf(blob, box)
-        sd *= np.float32(-1.0 / (self.px * blob.soft))
+        sd *= np.float32(-1.0 / (self.px * blob.soft * self.look.edge))
         sd += np.float32(0.5)
         return np.clip(sd, 0.0, 1.0, out=sd), box
 
@@ -240,9 +267,10 @@ class Canvas:
     ) -> None:
         """Lay a structure of signal ``value`` over what is there.
 
-        ``value`` is a scalar, a full-size map or a ``Tex`` (evaluated inside the box only);
-        ``within`` restricts the structure to another one's coverage; ``keep`` (a full-size
-        array) receives the coverage, so a mask needed later costs no second evaluation.
+        ``value`` is a scalar (given the look's grain), a full-size map or a ``Tex`` (evaluated
+        inside the box only); ``within`` restricts the structure to another one's coverage;
+        ``keep`` (a full-size array) receives the coverage, so a mask needed later costs no
+        second evaluation.
         """
         got = self.cover(blob)
         if got is None:
@@ -255,6 +283,8 @@ class Canvas:
         if opacity != 1.0:
             m *= np.float32(opacity)
         sub = self.img[box]
+        if self.look.grain and not isinstance(value, Tex | np.ndarray):
+            value = Tex.grained(float(value), self.look.grain)
         if isinstance(value, Tex):
             val = value.at(self, box)
         elif isinstance(value, np.ndarray):

@@ -51,12 +51,14 @@ class Frame:
         return c.cx + ux * c.a, c.cy + uy * ((c.b_post or c.b) if uy > 0 else c.b)
 
 
-def viscera(sub: Subject, f: Fields, fr: Frame, X, Y, fine, coarse, warp) -> np.ndarray:
-    """Content of the abdominal cavity: bowel and mesentery, then the organs over it."""
+def viscera(sub: Subject, f: Fields, fr: Frame, main: Canvas) -> np.ndarray:
+    """Content of the abdominal cavity: bowel and mesentery, then the organs over it, on a
+    canvas of its own with the coordinates, textures and look of ``main``."""
     J, S, z, zmm, mm, P = sub.jit, sub.sig, fr.z, fr.zmm, fr.mm, fr.P
     cavity, y_vb = fr.cavity, fr.y_vb
+    X, Y = main.X, main.Y
     ha = J.harm
-    cv = Canvas(X, Y, 0.0, margin=warp * 2.5, fine=fine, coarse=coarse)
+    cv = Canvas(X, Y, 0.0, main.margin, main.fine, main.coarse, main.look)
 
     # Small bowel and mesenteric fat: loops where a smooth field exceeds a threshold that falls
     # inferiorly (more loops low in the abdomen), dark walls at the loop borders.
