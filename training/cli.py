@@ -39,11 +39,18 @@ def main(verbose: bool) -> None:
 @click.option("--size", default=512, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="0: one per CPU")
-def synth(out: Path, subjects: int, size: int, seed: int, workers: int) -> None:
+@click.option(
+    "--randomise",
+    default=1.0,
+    show_default=True,
+    help="Domain randomisation strength: 0 the reference T2 look, 1 fully random.",
+)
+def synth(out: Path, subjects: int, size: int, seed: int, workers: int, randomise: float) -> None:
     """Generate the synthetic MR motion data set (DICOM + manifest.csv + summary.json)."""
     from training.synth import SynthConfig, generate
 
-    config = SynthConfig(subjects=subjects, size=size, seed=seed, workers=workers)
+    config = SynthConfig(subjects=subjects, size=size, seed=seed, workers=workers,
+                         randomise=randomise)  # fmt: skip
     click.echo(f"manifest: {generate(config, out)}")
 
 
