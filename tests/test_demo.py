@@ -32,7 +32,7 @@ def test_demo_runs_with_defaults_and_prints_verdicts(tmp_path: Path) -> None:
     # Embedded defaults: SQLite and spool under ./var, the bundled (trained) model.
     assert (tmp_path / "var" / "mriqa.db").is_file()
     assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 12
-    assert "model convnet-binary-synthetic" in result.stderr
+    assert "model convnet-binary-realmotion" in result.stderr
     assert "UNTRAINED" not in result.stderr
     # The console is up and the demo user can sign in with the printed password.
     login = re.search(r"console: (\S+)\s+user (\S+)\s+password (\S+)", result.stdout)

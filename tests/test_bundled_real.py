@@ -1,0 +1,95 @@
+"""The bundled model on real clean structural series: no rescan alert; with heavy motion: one.
+
+The clean series are the real ones of ../shared/data (the held-out ones among them were never
+seen in training, see the model card); the corrupted copies are made here with a seed the
+bundle recipe never used, so the exact images were never seen either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mriqa_node.domain.verdict import SeriesPolicy
+from mriqa_node.ml.artifact import read_meta
+from mriqa_node.ml.scorer import Scorer
+from mriqa_node.offline import score_files
+from training.realmotion import CorruptConfig, write_corrupted
+
+BUNDLED = Path(__file__).resolve().parents[1] / "mriqa_node" / "models" / "bundled"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CLEAN = [
+    SHARED / "anatomy" / "siemens_prismafit_brain_t1_fl2d_sag_hfs",
+    SHARED / "anatomy" / "uih_umr770_brain_t1_gre3d_sag",
+    SHARED / "anatomy" / "ge_signahdx_heart_cine_ssfp_sax_scd0000201",
+    SHARED / "anatomy" / "unknown_unknown_cspine_t2star_gre_tra",
+    SHARED / "intake" / "philips_elition_classic_mprage",
+    SHARED / "intake" / "siemens_xa30_enh_t1",
+]
+pytestmark = pytest.mark.skipif(
+    not all(p.exists() for p in CLEAN), reason=f"real series not present under {SHARED}"
+)
+
+
+@pytest.fixture(scope="module")
+def scorer() -> tuple[Scorer, SeriesPolicy]:
+    return Scorer(BUNDLED), SeriesPolicy.from_dict(read_meta(BUNDLED).policy)
+
+
+@pytest.fixture(scope="module")
+def corrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corrupted")
+    config = CorruptConfig(copies=2, levels=("clean", "heavy"), max_slices=12, seed=12345)
+    write_corrupted(CLEAN, out, config, progress=False)
+    return out
+
+
+def _verdicts(files: list[Path], scorer: Scorer, policy: SeriesPolicy) -> dict[str, str]:
+    """Series UID -> "description: label" of every scored series."""
+    reports, _ = score_files(files, scorer, policy)
+    return {r.series_uid: f"{r.description}: {r.verdict['label']}" for r in reports if r.slices}
+
+
+KNOWN_FALSE_ALERT = (
+    "bundled model 2.0.0 alerts on the clean GE SIGNA HDx cine heart SCD0000201 (series score"
+    " 0.91 against a threshold of 0.88; the other clean series pass): the <= 5 % false-alert"
+    " target is not met on every source yet (issue 8 stays open); strict, so a model that fixes"
+    " it turns this test red until the marker goes"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FALSE_ALERT)
+def test_clean_real_series_raise_no_alert(scorer):
+    files = [f for p in CLEAN for f in ([p] if p.is_file() else sorted(p.rglob("*")))
+             if f.is_file() and not f.name.endswith(".nii.gz")]  # fmt: skip
+    verdicts = _verdicts(files, *scorer)
+    assert len(verdicts) >= 5
+    alerted = [v for v in verdicts.values() if v.endswith("non_diagnostic")]
+    assert not alerted, verdicts
+
+
+def _by_level(corrupted: Path, scorer) -> dict[str, list[str]]:
+    by_level: dict[str, list[str]] = {"clean": [], "heavy": []}
+    for v in _verdicts(sorted(corrupted.rglob("*.dcm")), *scorer).values():
+        by_level["heavy" if "[heavy]" in v else "clean"].append(v.rsplit(": ", 1)[1])
+    return by_level
+
+
+def test_the_same_series_with_heavy_motion_raise_one(scorer, corrupted: Path):
+    by_level = _by_level(corrupted, scorer)
+    assert len(by_level["heavy"]) == len(CLEAN)
+    assert by_level["heavy"].count("non_diagnostic") == len(CLEAN), by_level
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FALSE_ALERT)
+def test_their_clean_copies_raise_none(scorer, corrupted: Path):
+    by_level = _by_level(corrupted, scorer)
+    assert by_level["clean"].count("non_diagnostic") == 0, by_level
+
+
+def test_bundled_model_is_calibrated_and_says_what_it_was_trained_on():
+    meta = read_meta(BUNDLED)
+    assert meta.temperature != 1.0
+    card = (BUNDLED / "MODEL_CARD.md").read_text()
+    assert "Real anatomy never seen in training" in card
