@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 
+from tests.test_preprocess import make_ds
 from training.manifest import read_manifest
 from training.realmotion import CorruptConfig, corrupt_slice, find_series, write_corrupted
 from training.realmotion.kspace import LineOrder, draw_motion, severity_from_error
@@ -80,23 +80,13 @@ def test_nuisances_leave_the_label_unchanged():
 
 def _write_clean_series(folder: Path, subject: str, n: int = 4, size: int = 64) -> None:
     folder.mkdir(parents=True)
-    series_uid, study_uid = generate_uid(), generate_uid()
+    series = {"StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid()}
     for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = generate_uid()
+        tags = {"PatientID": subject, "Manufacturer": "ACME", "InstanceNumber": i + 1,
+                "ImageType": ["ORIGINAL", "PRIMARY", "M"], "EchoTrainLength": 8,
+                "RepetitionTime": 3000, **series}  # fmt: skip
+        ds = make_ds(_head(size, seed=i).astype(np.uint16), **tags)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.Modality, ds.PatientID, ds.Manufacturer = "MR", subject, "ACME"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
-        ds.InstanceNumber, ds.EchoTrainLength, ds.RepetitionTime = i + 1, 8, 3000
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = _head(size, seed=i).astype("<u2").tobytes()
         ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
 
 
