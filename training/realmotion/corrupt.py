@@ -88,9 +88,7 @@ def corrupt_slice(
     Amplitude 0 with the identity nuisance returns the input itself, bit for bit. The error is
     measured without noise (noise is a nuisance, not an artefact)."""
     img = np.asarray(image, np.float32)
-    if amplitude <= 0 and nuisance == Nuisance(
-        max_value=nuisance.max_value, window=nuisance.window, window_jitter=nuisance.window_jitter
-    ):
+    if amplitude <= 0 and nuisance.identity:
         return img.copy(), 0.0
     work = np.moveaxis(img, pe_axis, 0)
     other = None if neighbour is None else np.moveaxis(np.asarray(neighbour), pe_axis, 0)
