@@ -61,13 +61,18 @@ def synth(out: Path, subjects: int, size: int, seed: int, workers: int, randomis
 @click.option("--max-slices", default=32, show_default=True, help="Per clean series.")
 @click.option("--nuisance", default=1.0, show_default=True, help="Nuisance strength, 0..1.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--reslice/--no-reslice", default=True, show_default=True,
+    help="Also corrupt the other two planes of 3-D volumes (near-isotropic voxels).",
+)  # fmt: skip
 def corrupt(inputs: tuple[Path, ...], out: Path, copies: int, max_slices: int, nuisance: float,
-            seed: int) -> None:  # fmt: skip
+            seed: int, reslice: bool) -> None:  # fmt: skip
     """Motion-corrupted copies (DICOM + manifest.csv) of the clean series under INPUTS
     (DICOM folders or NIfTI files: real anatomy, a site's own clean series)."""
     from training.realmotion import CorruptConfig, write_corrupted
 
-    config = CorruptConfig(copies=copies, max_slices=max_slices, nuisance=nuisance, seed=seed)
+    config = CorruptConfig(copies=copies, max_slices=max_slices, nuisance=nuisance, seed=seed,
+                           reslice=reslice)  # fmt: skip
     click.echo(f"manifest: {write_corrupted(inputs, out, config)}")
 
 
@@ -303,7 +308,7 @@ def _default_real() -> list[Path]:
     "--out", type=click.Path(path_type=Path), default=Path("var/bundle"), show_default=True
 )
 @click.option("--subjects", default=24, show_default=True, help="Synthetic phantoms.")
-@click.option("--steps", default=1200, show_default=True)
+@click.option("--steps", default=2400, show_default=True)
 @click.option("--widths", default="16,32,64,128", show_default=True)
 @click.option(
     "--install/--no-install",

@@ -43,7 +43,7 @@ from training.realmotion.kspace import (
 )
 from training.realmotion.montage import write_montage
 from training.realmotion.nuisance import Nuisance, acquire, draw_nuisance, finish
-from training.realmotion.sources import SourceSeries, find_series
+from training.realmotion.sources import SourceSeries, find_series, resliced
 from training.synth.raters import classify, rate
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class CorruptConfig:
     levels: tuple[str, ...] = DEFAULT_LEVELS  # cycled over the copies
     max_slices: int = 32  # per source series, evenly over the slices that show anatomy
     nuisance: float = 1.0  # strength of the nuisances (0: none)
+    reslice: bool = True  # also corrupt the other two planes of 3-D volumes
     seed: int = 0
 
 
@@ -155,6 +156,8 @@ def write_corrupted(
 ) -> Path:  # fmt: skip
     """``mriqa-train corrupt``: find the clean series under ``inputs`` and corrupt them."""
     sources = find_series(*inputs)
+    if config.reslice:
+        sources += [view for s in sources for view in resliced(s)]
     if not sources:
         raise ValueError(f"no usable clean series under {', '.join(map(str, inputs))}")
     log.info("%d clean series of %d subjects", len(sources), len({s.subject for s in sources}))
@@ -279,9 +282,9 @@ def _write_series(
     ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
     if nuisance.window:
-        jc, jw = nuisance.window_jitter
-        ds.WindowCenter = _ds(round((0.5 + jc) * top, 1))
-        ds.WindowWidth = _ds(round(max((1.0 + jw) * top, 2.0), 1))
+        low, high = nuisance.window_range
+        ds.WindowCenter = _ds(round((low + high) / 2 * top, 1))
+        ds.WindowWidth = _ds(round(max((high - low) * top, 2.0), 1))
     series_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, plane in enumerate(pixels):

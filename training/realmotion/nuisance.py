@@ -39,12 +39,14 @@ class Nuisance:
     rot90: int = 0
     max_value: int = 4095  # vendor scale: the brightest stored value
     window: bool = True  # write a VOI window (else the node's percentile window is used)
-    window_jitter: tuple[float, float] = (0.0, 0.0)  # centre and width, relative
+    # The window's (low, high) as fractions of the stored bright level: vendors' windows range
+    # from tight (bright tissue saturates) to the full stored range (it shows at about half).
+    window_range: tuple[float, float] = (0.0, 1.0)
 
     @property
     def identity(self) -> bool:
         return self == Nuisance(max_value=self.max_value, window=self.window,
-                                window_jitter=self.window_jitter)  # fmt: skip
+                                window_range=self.window_range)  # fmt: skip
 
 
 def draw_nuisance(rng: np.random.Generator, strength: float = 1.0) -> Nuisance:
@@ -67,8 +69,16 @@ def draw_nuisance(rng: np.random.Generator, strength: float = 1.0) -> Nuisance:
         rot90=int(rng.integers(0, 4)) if maybe(0.4) else 0,
         max_value=int(rng.choice([1023, 4095, 4095, 32767, 65535])),
         window=bool(rng.random() < 0.7),
-        window_jitter=(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.2, 0.2))),
+        window_range=_window_range(rng),
     )
+
+
+def _window_range(rng: np.random.Generator) -> tuple[float, float]:
+    """A vendor-like window: the bright level lands anywhere from 0.4 (a window over the whole
+    stored range, as GE and Siemens often send) to a little above 1 (tissue saturates)."""
+    low = float(rng.uniform(-0.05, 0.08))
+    bright = float(rng.uniform(0.4, 1.15))  # where the bright level lands on the screen
+    return low, low + (1.0 - low) / bright
 
 
 def _band(n: int, fraction: float) -> np.ndarray:

@@ -29,7 +29,7 @@ from pydicom.multival import MultiValue
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SourceSeries", "find_series"]
+__all__ = ["SourceSeries", "find_series", "resliced"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _MEANINGLESS_IDS = {"", "anonymous", "anon", "none", "unknown", "0", "***"}
@@ -183,6 +183,44 @@ def _nifti_series(root: Path, path: Path) -> SourceSeries | None:
         header={"PixelSpacing": [zooms[1], zooms[0]], "SliceThickness": zooms[2]},
         pe_axis=zlib.crc32(path.name.encode()) % 2,  # not recorded in NIfTI: stable guess
     )
+
+
+def _spacing(series: SourceSeries) -> tuple[float, float, float] | None:
+    """(slice, row, column) spacing in mm where the header gives all three."""
+    try:
+        rows, cols = (float(v) for v in series.header["PixelSpacing"])
+        return float(series.header["SliceThickness"]), rows, cols
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def resliced(series: SourceSeries, min_slices: int = 64, max_ratio: float = 2.0
+             ) -> list[SourceSeries]:  # fmt: skip
+    """The two other orthogonal planes of a 3-D volume (near-isotropic voxels, at least
+    ``min_slices`` slices), resampled to square pixels: the same subject seen as a different
+    anatomy, for training only. A 2-D multi-slice series (thick slices) gives none."""
+    from scipy import ndimage
+
+    spacing = _spacing(series)
+    if series.header.get("MRAcquisitionType") == "2D" or spacing is None:
+        return []
+    if len(series.slices) < min_slices or max(spacing) / min(spacing) > max_ratio:
+        return []
+    out = []
+    for axis, tag in ((1, "a"), (2, "b")):  # the plane that holds the slice axis and one other
+        volume = np.moveaxis(series.slices, axis, 0)[:, ::-1]  # first slice on top
+        keep = 2 if axis == 1 else 1  # the in-plane axis that stays
+        zoom = (1.0, spacing[0] / spacing[keep], 1.0)
+        if abs(zoom[1] - 1.0) > 0.05:
+            volume = ndimage.zoom(volume, zoom, order=1)
+        out.append(SourceSeries(
+            name=f"{series.name}@{tag}", subject=series.subject,
+            slices=np.ascontiguousarray(volume, np.float32),
+            header={**series.header, "PixelSpacing": [spacing[keep]] * 2,
+                    "SliceThickness": spacing[axis]},
+            pe_axis=zlib.crc32(f"{series.name}@{tag}".encode()) % 2,
+        ))  # fmt: skip
+    return out
 
 
 def find_series(*roots: Path | str, min_slices: int = 1) -> list[SourceSeries]:
