@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, decide
 from mriqa_node.ml.scorer import Scorer
-from mriqa_node.preprocess import Unscorable, preprocess, slice_positions
+from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
 
 
 @dataclass
@@ -45,15 +45,22 @@ def score_files(
             continue
         report = reports.setdefault(uid, SeriesReport(uid, ds.get("SeriesDescription")))
         try:
-            frames = preprocess(ds)
+            prepared = preprocess_frames(ds)
         except Unscorable as exc:
             report.unscorable.append({"file": str(path), "reason": str(exc)})
             continue
+        keep = prepared.anatomy
+        if not len(keep):
+            report.unscorable.append({"file": str(path), "reason": NO_ANATOMY})
+            continue
+        frames = prepared.images[keep]
         probs = np.concatenate(
             [scorer.predict(frames[i : i + batch]) for i in range(0, len(frames), batch)]
         )
         number = ds.get("InstanceNumber")
-        for frame, (p, pos) in enumerate(zip(probs, slice_positions(ds), strict=True)):
+        positions = slice_positions(ds)
+        for frame, p in zip(keep.tolist(), probs, strict=True):
+            pos = positions[frame]
             results[uid].append(
                 SliceResult(
                     str(ds.SOPInstanceUID),

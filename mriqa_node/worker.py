@@ -21,7 +21,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from mriqa_node.ml.scorer import Scorer
-from mriqa_node.preprocess import Unscorable, preprocess, slice_positions
+from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
 from mriqa_node.services.scoring import Claim, InstanceResult, WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import Spool
@@ -44,17 +44,26 @@ def _pid_alive(pid: int) -> bool:
 @dataclass
 class Prepared:
     claim: Claim
-    frames: np.ndarray | None  # [n, size, size, 1]
+    frames: np.ndarray | None  # [n, size, size, 1], the frames that show anatomy
     positions: list[float | None]
     reason: str | None = None
+    frame_numbers: list[int] | None = None  # of those frames in the instance (None: 0..n-1)
 
 
 def prepare(spool: Spool, claim: Claim, size: int) -> Prepared:
-    """Read and preprocess one instance; every failure becomes a stored reason."""
+    """Read and preprocess one instance; every failure becomes a stored reason. Frames
+    without anatomy are left out (all of them: the instance is not assessed)."""
     try:
         ds = pydicom.dcmread(BytesIO(spool.read(claim.spool_path)))
-        frames = preprocess(ds, size)
-        return Prepared(claim, frames, slice_positions(ds))
+        prepared = preprocess_frames(ds, size)
+        keep = prepared.anatomy
+        if not len(keep):
+            return Prepared(claim, None, [], NO_ANATOMY)
+        positions = slice_positions(ds)
+        if len(keep) == len(positions):
+            return Prepared(claim, prepared.images, positions)
+        return Prepared(claim, prepared.images[keep], [positions[i] for i in keep],
+                        frame_numbers=[int(i) for i in keep])  # fmt: skip
     except Unscorable as exc:
         return Prepared(claim, None, [], str(exc))
     except FileNotFoundError:
@@ -161,7 +170,8 @@ class Worker:
                 results.append(InstanceResult(p.claim, reason=p.reason))
                 continue
             n = len(p.frames)
-            results.append(InstanceResult(p.claim, all_probs[offset : offset + n], p.positions))
+            results.append(InstanceResult(p.claim, all_probs[offset : offset + n], p.positions,
+                                          frames=p.frame_numbers))  # fmt: skip
             offset += n
         self.scored_slices += offset
         for series_id in self.queue.record(self.worker_id, self.model_version_id, results):

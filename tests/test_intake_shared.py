@@ -27,6 +27,7 @@ from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES
 from mriqa_node.dicom.scu import NOT_ACCEPTED, send_datasets
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
+from mriqa_node.preprocess import preprocess_frames
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -188,9 +189,11 @@ def test_shared_intake_set_through_a_running_node(tmp_path: Path, model_dir: Pat
                 if inst.state == "unscorable":
                     assert inst.reason and inst.reason.strip(), inst.sop_instance_uid
                     assert n_scores == 0
-                else:
-                    assert n_scores == inst.frames >= 1, inst.sop_instance_uid
-                    scored_frames[inst.series_id] += inst.frames
+                else:  # every frame that shows anatomy (phase maps hold noise frames)
+                    stored = pydicom.dcmread(tmp_path / "spool" / inst.spool_path)
+                    shows = len(preprocess_frames(stored).anatomy)
+                    assert n_scores == shows >= 1, inst.sop_instance_uid
+                    scored_frames[inst.series_id] += shows
             for series in s.scalars(select(Series)).all():
                 verdict = s.scalars(
                     select(SeriesVerdict)

@@ -25,11 +25,14 @@ from pydicom.uid import (
 
 from mriqa_node.preprocess import (
     INPUT_SIZE,
+    MIN_STRUCTURE,
     PREPROCESSING_VERSION,
     Unscorable,
     frame_count,
     preprocess,
+    preprocess_frames,
     slice_positions,
+    structure,
 )
 
 INTAKE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "intake"
@@ -639,3 +642,51 @@ def test_dataset_is_left_unchanged() -> None:
     preprocess(ds)
     assert ds == before
     assert getattr(ds, "_pixel_array", None) is None
+
+
+# --- frames without anatomy ---------------------------------------------------------------------
+
+
+def _magnitude_noise(shape: tuple[int, ...], sd: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.hypot(rng.normal(0, sd, shape), rng.normal(0, sd, shape))
+
+
+def _disc(size: int = 128) -> np.ndarray:
+    """A bright smooth object on a dark background, with a little noise: an 'anatomy'."""
+    y, x = np.mgrid[:size, :size] - size / 2
+    obj = 900.0 * (np.hypot(y, x) < size / 3) * (1 + 0.2 * np.sin(x / 5))
+    return obj + _magnitude_noise((size, size), 20, seed=1)
+
+
+def test_structure_tells_noise_from_an_object() -> None:
+    assert structure(_magnitude_noise((128, 128), 50)) < 0.2
+    assert structure(_disc()) > 0.9
+    assert structure(np.full((64, 64), 7.0)) == 0.0
+
+
+def test_frames_without_anatomy_are_left_out_per_frame() -> None:
+    frames = np.stack([_disc(), _magnitude_noise((128, 128), 50), np.zeros((128, 128))])
+    out = preprocess_frames(make_ds(frames.astype(np.uint16)))
+    assert out.images.shape == (3, INPUT_SIZE, INPUT_SIZE, 1)
+    assert out.anatomy.tolist() == [0]
+    assert np.array_equal(out.images, preprocess(make_ds(frames.astype(np.uint16))))
+
+
+def test_noise_stays_noise_after_an_upscale() -> None:
+    """Measured on the stored grid: bilinear upsampling to 512 would smooth noise into
+    something that correlates."""
+    small = _magnitude_noise((64, 64), 50).astype(np.uint16)
+    assert preprocess_frames(make_ds(small)).structure[0] < MIN_STRUCTURE
+
+
+@needs_intake
+def test_the_air_slices_of_a_real_sagittal_series_are_not_assessed() -> None:
+    """The Prisma HFDL series ends in nine slices of pure noise beyond the head."""
+    folder = INTAKE.parent / "anatomy" / "siemens_prismafit_brain_t1_fl2d_sag_hfdl"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    datasets = sorted((pydicom.dcmread(p) for p in folder.rglob("*.dcm")),
+                      key=lambda ds: int(ds.InstanceNumber))  # fmt: skip
+    shows = [len(preprocess_frames(ds).anatomy) for ds in datasets]
+    assert shows[:26] == [1] * 26 and shows[26:] == [0] * 9

@@ -619,6 +619,36 @@ def test_real_worker_scores_and_a_zero_threshold_forces_an_alert(env: Env, model
     assert worker.drain() == 0
 
 
+def test_worker_does_not_score_an_image_without_anatomy(env: Env, model_dir: Path) -> None:
+    """The air beyond the head at the end of a sagittal series is noise: not assessed, and it
+    cannot condemn the series."""
+    import numpy as np
+
+    from mriqa_node.ml.scorer import Scorer
+    from mriqa_node.preprocess import NO_ANATOMY
+    from mriqa_node.worker import Worker
+
+    overrides = {"series_threshold": 0.0, "slice_threshold": None}
+    service = SeriesService(env.sessions, CompletionRule(IDLE, GRACE), overrides)
+    datasets = synth_series(3, size=64, seed=36)
+    rng = np.random.default_rng(0)
+    noise = np.hypot(rng.normal(0, 40, (64, 64)), rng.normal(0, 40, (64, 64)))
+    air = datasets[2]
+    air.PixelData = noise.astype("<u2").tobytes()
+    for ds in datasets:
+        store(env, ds)
+    worker = Worker(env.queue, service, env.spool, Scorer(model_dir), max_batch=4, max_wait_ms=0)
+    assert worker.drain() == 3
+    assert worker.scored_slices == 2
+    (v,) = verdicts(env, datasets[0].SeriesInstanceUID)
+    assert v.n_slices == 2 and v.n_unscorable == 1
+    with env.session() as s:
+        inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == air.SOPInstanceUID))
+        assert inst.state == "unscorable" and inst.reason == NO_ANATOMY
+        assert s.scalar(select(func.count(SliceScore.id)).where(
+            SliceScore.instance_id == inst.id)) == 0  # fmt: skip
+
+
 # -- recovery ------------------------------------------------------------------------------------
 
 

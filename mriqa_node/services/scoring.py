@@ -39,6 +39,7 @@ class InstanceResult:
     positions: Sequence[float | None] = ()
     reason: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    frames: Sequence[int] | None = None  # frame numbers of the scores (None: 0, 1, ...)
 
 
 class WorkQueue:
@@ -157,8 +158,9 @@ class WorkQueue:
                 if not mine:
                     continue
                 touched.add(result.claim.series_id)
-                for frame, probs in enumerate(result.probabilities):
-                    position = result.positions[frame] if frame < len(result.positions) else None
+                numbers = result.frames or range(len(result.probabilities))
+                for k, (frame, probs) in enumerate(zip(numbers, result.probabilities, strict=True)):
+                    position = result.positions[k] if k < len(result.positions) else None
                     session.add(
                         SliceScore(
                             instance_id=result.claim.instance_id,
