@@ -17,6 +17,7 @@ headline.
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from training.calibration import expected_calibration_error, logits_of, softmax
 from training.export import series_groups, series_verdicts
 
 MILD = (0.2, 0.5)  # measured severity of "mild" motion: visible, diagnostic
+REAL_PREDICTIONS_FILE = "real_predictions.npz"  # a run's scores of real anatomy it never saw
 
 
 def read_corruption(paths: Sequence[Path | str]) -> dict[str, dict[str, str]]:
@@ -169,6 +171,55 @@ def real_eval_of_manifest(preds: Mapping[str, np.ndarray], manifest: Path | str,
         return {}
     rows = read_corruption(files)
     return evaluate_real(preds, "test", rows, plan.policy, plan.calibration["temperature"])
+
+
+def predict_real(run_dir: Path | str, manifest: Path | str, batch: int = 16,
+                 progress: bool = True) -> Path:  # fmt: skip
+    """Score every slice of a corrupted real-anatomy manifest (``mriqa-train corrupt``) with a
+    run's model, for a run trained without it (``reproduce``: the paper's configurations on
+    phantoms). Writes ``real_predictions.npz`` in the run, in the split layout under the split
+    name ``real`` plus the manifest's path, which the run report reads."""
+    import keras
+    import pydicom
+    from tqdm.auto import tqdm
+
+    from mriqa_node.preprocess import preprocess
+    from training.manifest import labels_for, read_manifest
+    from training.train import MODEL_FILE
+
+    run = Path(run_dir)
+    cfg = json.loads((run / "config.json").read_text())
+    records = [r for r in read_manifest(manifest) if r.true_class is not None]
+    labels = labels_for(records, "truth", cfg["task"])
+    model = keras.saving.load_model(run / MODEL_FILE, compile=False)
+    size = int(cfg.get("input_size", 512))
+    logits = []
+    for i in tqdm(range(0, len(records), batch), desc=f"real {run.name}", disable=not progress):
+        x = np.concatenate([preprocess(pydicom.dcmread(r.path), size)[:1]
+                            for r in records[i : i + batch]])  # fmt: skip
+        logits.append(np.asarray(model(x, training=False), np.float32))
+    out = run / REAL_PREDICTIONS_FILE
+    np.savez(
+        out,
+        manifest=np.str_(str(Path(manifest).resolve())),
+        real_logits=np.concatenate(logits) if logits else np.zeros((0, 2), np.float32),
+        real_labels=np.asarray(labels, np.int32),
+        real_patient_ids=np.asarray([r.patient_id for r in records], dtype=str),
+        real_series_uids=np.asarray([r.series_uid for r in records], dtype=str),
+        real_sop_uids=np.asarray([r.sop_instance_uid for r in records], dtype=str),
+    )
+    return out
+
+
+def real_eval_unseen(run_dir: Path | str, plan: Any) -> dict[str, dict[str, Any]] | None:
+    """Per-source figures of ``real_predictions.npz`` under the run's planned policy (None when
+    the run has no such file)."""
+    path = Path(run_dir) / REAL_PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    preds = dict(np.load(path))
+    rows = read_corruption(corruption_files(str(preds["manifest"])))
+    return evaluate_real(preds, "real", rows, plan.policy, plan.calibration["temperature"])
 
 
 def real_anatomy_md(per_source: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
