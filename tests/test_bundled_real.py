@@ -27,6 +27,10 @@ CLEAN = [
     SHARED / "intake" / "philips_elition_classic_mprage",
     SHARED / "intake" / "siemens_xa30_enh_t1",
 ]
+INTAKE_STRUCTURAL = [SHARED / "intake" / p for p in (
+    "philips_elition_classic_mprage", "siemens_xa30_enh_t1", "pydicom_siemens_overlay",
+    "pydicom_mr2_philips_shoulder",
+)]  # fmt: skip
 pytestmark = pytest.mark.skipif(
     not all(p.exists() for p in CLEAN), reason=f"real series not present under {SHARED}"
 )
@@ -40,7 +44,8 @@ def scorer() -> tuple[Scorer, SeriesPolicy]:
 @pytest.fixture(scope="module")
 def corrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corrupted")
-    config = CorruptConfig(copies=2, levels=("clean", "heavy"), max_slices=12, seed=12345)
+    config = CorruptConfig(copies=2, levels=("clean", "heavy"), max_slices=12, seed=12345,
+                           reslice=False)  # fmt: skip
     write_corrupted(CLEAN, out, config, progress=False)
     return out
 
@@ -51,21 +56,15 @@ def _verdicts(files: list[Path], scorer: Scorer, policy: SeriesPolicy) -> dict[s
     return {r.series_uid: f"{r.description}: {r.verdict['label']}" for r in reports if r.slices}
 
 
-KNOWN_FALSE_ALERT = (
-    "bundled model 2.0.0 alerts on 3 of the 8 clean DICOM series of ../shared/data/anatomy: the"
-    " GE SIGNA HDx cine hearts SCD0000201 (0.91) and SCD0000101 (0.89) and the Siemens Prisma"
-    " HFDL brain (1.00), against a series threshold of 0.88; the <= 5 % false-alert target is"
-    " not met (issue 8 stays open); strict, so a model that fixes it turns this test red until"
-    " the marker goes"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KNOWN_FALSE_ALERT)
 def test_clean_real_series_raise_no_alert(scorer):
-    files = [f for p in CLEAN for f in ([p] if p.is_file() else sorted(p.rglob("*")))
-             if f.is_file() and not f.name.endswith(".nii.gz")]  # fmt: skip
+    """Every clean DICOM series of ../shared/data/anatomy and the intake's structural ones:
+    brains of four vendors in four patient positions, hearts, shoulders, an abdomen."""
+    folders = [*sorted((SHARED / "anatomy").iterdir()), *INTAKE_STRUCTURAL]
+    notes = (".nii.gz", ".txt", ".md", ".csv")
+    files = [f for p in folders if p.is_dir() for f in sorted(p.rglob("*"))
+             if f.is_file() and not f.name.endswith(notes)]  # fmt: skip
     verdicts = _verdicts(files, *scorer)
-    assert len(verdicts) >= 5
+    assert len(verdicts) >= 12
     alerted = [v for v in verdicts.values() if v.endswith("non_diagnostic")]
     assert not alerted, verdicts
 
@@ -83,7 +82,6 @@ def test_the_same_series_with_heavy_motion_raise_one(scorer, corrupted: Path):
     assert by_level["heavy"].count("non_diagnostic") == len(CLEAN), by_level
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_FALSE_ALERT)
 def test_their_clean_copies_raise_none(scorer, corrupted: Path):
     by_level = _by_level(corrupted, scorer)
     assert by_level["clean"].count("non_diagnostic") == 0, by_level

@@ -334,7 +334,7 @@ def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths:
     ))  # fmt: skip
     write_run_report(run, mixed)
     target = BUNDLED if install else out / "artifact"
-    meta = _export(run, target, "convnet-binary-realmotion", "2.0.0", 0.90)
+    meta = _export(run, target, "convnet-binary-realmotion", "2.1.0", 0.90)
     _model_card(target, meta, run, [out / "real" / "corruption.csv"])
     click.echo(f"bundled model: {target} (sha256 {meta.sha256[:12]}); report: {run}/report.md")
 
