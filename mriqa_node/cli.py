@@ -133,6 +133,7 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
             f" {_ellipsis(r['series_description'] or '-', 22):<22}"
             f" {r['instances']:>4} {r['state']:<9} {r['label'] or '-':<14} {score:>5}"
             f"  {','.join(map(str, r['worst_slices'])) or '-'}"
+            + (f"  {r['reason']}" if r["reason"] else "")
         )
 
 
@@ -181,20 +182,29 @@ def _ellipsis(text: str, width: int) -> str:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--explain-scope", is_flag=True, help="Show which scope rule decided for each series."
+)
+@click.option("--calling-aet", default=None, help="As if sent by this AE (for site rules).")
 @click.pass_context
-def score(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
-    """Score DICOM files or folders offline (no server, no database)."""
+def score(ctx: click.Context, paths: tuple[Path, ...], as_json: bool, explain_scope: bool,
+          calling_aet: str | None) -> None:  # fmt: skip
+    """Score DICOM files or folders offline (no server, no database), with the node's scope:
+    the model's own and the config's [scope] rules."""
     from mriqa_node.dicom.scu import dicom_files
+    from mriqa_node.domain.scope import Scope
     from mriqa_node.domain.verdict import SeriesPolicy
     from mriqa_node.ml.scorer import Scorer
-    from mriqa_node.node import resolve_model
+    from mriqa_node.node import resolve_model, site_scope_rules
     from mriqa_node.offline import score_files
 
     settings = _settings(ctx)
     setup_logging("WARNING")
     scorer = Scorer(resolve_model(settings))
     policy = SeriesPolicy.from_dict(scorer.meta.policy).overridden(**settings.verdict.model_dump())
-    reports, unreadable = score_files(dicom_files(list(paths)), scorer, policy)
+    scope = Scope.of(scorer.meta.scope, site_scope_rules(settings))
+    reports, unreadable = score_files(dicom_files(list(paths)), scorer, policy, scope=scope,
+                                      calling_aet=calling_aet)  # fmt: skip
     if as_json:
         out = {
             "model": {"name": scorer.meta.name, "version": scorer.meta.version},
@@ -208,7 +218,11 @@ def score(ctx: click.Context, paths: tuple[Path, ...], as_json: bool) -> None:
         click.echo(
             f"series {r.series_uid} ({r.description or '-'}): {v['label']}"
             f" score={v['score']} slices={v['n_slices']} unscorable={len(r.unscorable)}"
+            + (f" ({v['reason']})" if v["reason"] else "")
         )
+        if explain_scope:
+            for rule, n in r.scope.items():
+                click.echo(f"  scope: {n} instance(s): {rule}")
         for s in r.slices:
             probs = " ".join(f"{k}={p:.3f}" for k, p in s["probabilities"].items())
             click.echo(f"  {s['file']}[{s['frame']}] {probs}")

@@ -194,6 +194,38 @@ class PacsConfig(_Section):
         return v
 
 
+# Series descriptions of localizers and calibration scans that vendors do not mark LOCALIZER.
+LOCALIZER_DESCRIPTIONS = r"localizer|localiser|scout|survey|3-?plane|\bloc\b|calibration|\bcal\b"
+
+
+class ScopeRuleConfig(_Section):
+    """Include or exclude images whose ``field`` matches ``pattern`` (regex, any case)."""
+
+    field: Literal["description", "protocol", "calling_aet", "body_part", "sequence",
+                   "orientation"]  # fmt: skip
+    pattern: str = Field(min_length=1)
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return v
+
+
+class ScopeConfig(_Section):
+    """The site's rules on top of the model's scope (model.json): ``exclude`` narrows it (and
+    wins), ``include`` widens it past the model's own. Out of scope means not scored and "not
+    assessed", never an alert."""
+
+    exclude: list[ScopeRuleConfig] = [
+        ScopeRuleConfig(field="description", pattern=LOCALIZER_DESCRIPTIONS)
+    ]
+    include: list[ScopeRuleConfig] = []
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -212,6 +244,7 @@ class Settings(BaseSettings):
     console: ConsoleConfig = ConsoleConfig()
     webhooks: list[WebhookConfig] = []
     pacs: PacsConfig = PacsConfig()
+    scope: ScopeConfig = ScopeConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("webhooks")

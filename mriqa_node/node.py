@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -22,6 +23,7 @@ from mriqa_node.dicom.headers import InvalidInstance, parse_header
 from mriqa_node.dicom.scp import StoreSCP
 from mriqa_node.domain.completion import CompletionRule
 from mriqa_node.domain.routing import ForwardRule
+from mriqa_node.domain.scope import Scope, SiteRule, site_rules
 from mriqa_node.ml.artifact import untrained_convnet_artifact
 from mriqa_node.ml.store import ModelStore
 from mriqa_node.services.intake import Intake
@@ -51,6 +53,43 @@ def resolve_model(settings: Settings) -> Path:
     return fallback
 
 
+def site_scope_rules(settings: Settings) -> tuple[SiteRule, ...]:
+    sc = settings.scope
+    return site_rules([r.model_dump() for r in sc.include], [r.model_dump() for r in sc.exclude])
+
+
+class ScopeSource:
+    """The active model's scope (model.json) with the site's rules; re-read when another
+    model is installed (checked at most every ``recheck_seconds``, so intake pays nothing)."""
+
+    def __init__(self, settings: Settings, recheck_seconds: float = 5.0) -> None:
+        self.settings = settings
+        self.rules = site_scope_rules(settings)
+        self.recheck_seconds = recheck_seconds
+        self._scope = Scope(rules=self.rules)
+        self._key: tuple[str, float] | None = None
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Scope:
+        now = time.monotonic()
+        if now >= self._next_check:
+            with self._lock:
+                self._next_check = now + self.recheck_seconds
+                self._reload()
+        return self._scope
+
+    def _reload(self) -> None:
+        try:
+            meta = resolve_model(self.settings) / "model.json"
+            key = (str(meta), meta.stat().st_mtime)
+            if key != self._key:
+                self._scope = Scope.of(json.loads(meta.read_text()).get("scope"), self.rules)
+                self._key = key
+        except (OSError, ValueError) as exc:  # keep the last scope; the worker reports models
+            log.warning("model scope not read, keeping the last one: %s", exc)
+
+
 def forward_rules(settings: Settings) -> list[ForwardRule]:
     """The forwarding rules of the destinations that get received instances."""
     return [
@@ -78,6 +117,7 @@ class Node:
             on_work=self.work_available.set,
             routes=forward_rules(settings),
             on_forward=self.forward_available.set,
+            scope=ScopeSource(settings),
         )
         self.series = SeriesService(
             self.sessions,

@@ -1,6 +1,6 @@
 """Offline scoring (`mriqa score`): DICOM files in, slice probabilities and verdicts out.
 
-No server and no database: the same preprocessing, model and policy as the node.
+No server and no database: the same scope, preprocessing, model and policy as the node.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, decide
+from mriqa_node.dicom.headers import image_facts
+from mriqa_node.domain.scope import Scope
+from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, decide, guard, not_assessed
 from mriqa_node.ml.scorer import Scorer
 from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
 
@@ -26,12 +28,21 @@ class SeriesReport:
     slices: list[dict[str, Any]] = field(default_factory=list)
     unscorable: list[dict[str, str]] = field(default_factory=list)
     verdict: dict[str, Any] = field(default_factory=dict)
+    scope: dict[str, int] = field(default_factory=dict)  # the rule that decided -> instances
 
 
 def score_files(
-    files: list[Path], scorer: Scorer, policy: SeriesPolicy, batch: int = 16
+    files: list[Path],
+    scorer: Scorer,
+    policy: SeriesPolicy,
+    batch: int = 16,
+    scope: Scope | None = None,
+    calling_aet: str | None = None,
 ) -> tuple[list[SeriesReport], list[dict[str, str]]]:
-    """Returns per-series reports and the files that are not DICOM at all."""
+    """Returns per-series reports and the files that are not DICOM at all. ``scope`` defaults
+    to the model's own (model.json) without site rules."""
+    scope = scope or Scope.of(scorer.meta.scope)
+    out_of_scope: dict[str, str] = {}
     reports: dict[str, SeriesReport] = {}
     results: dict[str, list[SliceResult]] = defaultdict(list)
     unreadable: list[dict[str, str]] = []
@@ -44,6 +55,11 @@ def score_files(
             unreadable.append({"file": str(path), "reason": f"not readable DICOM: {exc}"})
             continue
         report = reports.setdefault(uid, SeriesReport(uid, ds.get("SeriesDescription")))
+        decision = scope.decide(image_facts(ds), calling_aet)
+        report.scope[decision.rule] = report.scope.get(decision.rule, 0) + 1
+        if not decision.in_scope:  # not scored at all
+            out_of_scope.setdefault(uid, decision.reason or "")
+            continue
         try:
             prepared = preprocess_frames(ds)
         except Unscorable as exc:
@@ -54,12 +70,12 @@ def score_files(
             report.unscorable.append({"file": str(path), "reason": NO_ANATOMY})
             continue
         frames = prepared.images[keep]
-        probs = np.concatenate(
-            [scorer.predict(frames[i : i + batch]) for i in range(0, len(frames), batch)]
-        )
+        scored = [scorer.score(frames[i : i + batch]) for i in range(0, len(frames), batch)]
+        probs = np.concatenate([c[0] for c in scored])
+        dists = np.concatenate([c[1] for c in scored]) if scored[0][1] is not None else None
         number = ds.get("InstanceNumber")
         positions = slice_positions(ds)
-        for frame, p in zip(keep.tolist(), probs, strict=True):
+        for k, (frame, p) in enumerate(zip(keep.tolist(), probs, strict=True)):
             pos = positions[frame]
             results[uid].append(
                 SliceResult(
@@ -68,6 +84,7 @@ def score_files(
                     p.tolist(),
                     pos,
                     int(number) if number is not None else None,
+                    None if dists is None else float(dists[k]),
                 )
             )
             report.slices.append(
@@ -78,15 +95,24 @@ def score_files(
                     "probabilities": dict(
                         zip(classes, (round(float(x), 4) for x in p), strict=True)
                     ),
+                    "distance": None if dists is None else round(float(dists[k]), 3),
                 }
             )
     for uid, report in reports.items():
-        v = decide(results[uid], policy, classes)
+        kept, unlike = guard(results[uid], scorer.ood_threshold)
+        v = unlike or decide(kept, policy, classes)
+        no_anatomy = [u for u in report.unscorable if u["reason"] == NO_ANATOMY]
+        reason = out_of_scope.get(uid) or (no_anatomy[0]["reason"] if no_anatomy else None)
+        if not results[uid] and reason:
+            v = not_assessed(reason)
+        elif kept and (few := scope.too_few_slices(len(kept))):
+            v = not_assessed(few, len(kept))
         report.verdict = {
             "label": v.label,
             "score": v.score,
             "n_slices": v.n_slices,
             "n_flagged": v.n_flagged,
             "worst_slices": v.worst_slices,
+            "reason": v.reason,
         }
     return list(reports.values()), unreadable

@@ -160,9 +160,11 @@ class Worker:
         # must not be copied whole.
         frames = [f for p in prepared if p.frames is not None for f in p.frames]
         batch = self.max_batch
-        chunks = [self.scorer.predict(np.stack(frames[i : i + batch]))
+        chunks = [self.scorer.score(np.stack(frames[i : i + batch]))
                   for i in range(0, len(frames), batch)]  # fmt: skip
-        all_probs = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+        all_probs = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, 0))
+        guarded = chunks and chunks[0][1] is not None
+        all_dist = np.concatenate([c[1] for c in chunks]) if guarded else None
         results, offset = [], 0
         for p in prepared:
             if p.frames is None:
@@ -170,8 +172,9 @@ class Worker:
                 results.append(InstanceResult(p.claim, reason=p.reason))
                 continue
             n = len(p.frames)
+            dist = all_dist[offset : offset + n] if all_dist is not None else None
             results.append(InstanceResult(p.claim, all_probs[offset : offset + n], p.positions,
-                                          frames=p.frame_numbers))  # fmt: skip
+                                          frames=p.frame_numbers, distances=dist))  # fmt: skip
             offset += n
         self.scored_slices += offset
         for series_id in self.queue.record(self.worker_id, self.model_version_id, results):

@@ -64,7 +64,7 @@ def test_clean_real_series_raise_no_alert(scorer):
     files = [f for p in folders if p.is_dir() for f in sorted(p.rglob("*"))
              if f.is_file() and not f.name.endswith(notes)]  # fmt: skip
     verdicts = _verdicts(files, *scorer)
-    assert len(verdicts) >= 12
+    assert len(verdicts) >= 11  # 12 series; pydicom's abdominal slice is an MPR: out of scope
     alerted = [v for v in verdicts.values() if v.endswith("non_diagnostic")]
     assert not alerted, verdicts
 

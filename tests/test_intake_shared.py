@@ -182,11 +182,14 @@ def test_shared_intake_set_through_a_running_node(tmp_path: Path, model_dir: Pat
             scored_frames: dict[int, int] = defaultdict(int)
             for inst in instances:
                 assert (tmp_path / "spool" / inst.spool_path).is_file()
-                assert inst.state in ("scored", "unscorable"), inst.state
+                assert inst.state in ("scored", "unscorable", "out_of_scope"), inst.state
                 n_scores = s.scalar(
                     select(func.count(SliceScore.id)).where(SliceScore.instance_id == inst.id)
                 )
-                if inst.state == "unscorable":
+                if inst.state == "out_of_scope":  # DWI, EPI, phase, ASL...: never scored
+                    assert inst.reason.startswith("not assessed: "), inst.sop_instance_uid
+                    assert n_scores == 0
+                elif inst.state == "unscorable":
                     assert inst.reason and inst.reason.strip(), inst.sop_instance_uid
                     assert n_scores == 0
                 else:  # every frame that shows anatomy (phase maps hold noise frames)
@@ -205,6 +208,8 @@ def test_shared_intake_set_through_a_running_node(tmp_path: Path, model_dir: Pat
                 if scored_frames[series.id]:
                     assert verdict.label in ("diagnostic", "non_diagnostic")
                     assert 0.0 <= verdict.score <= 1.0
+                elif verdict.label == "not_assessed":
+                    assert verdict.reason.startswith("not assessed: ") and verdict.score is None
                 else:
                     assert verdict.label == "unscorable" and verdict.score is None
         assert scored_frames, "nothing in the shared set was scored"

@@ -47,5 +47,8 @@ def test_synth_train_report_export(tmp_path: Path) -> None:
     op = meta["extra"]["operating_point"]
     assert (op["target_sensitivity"], op["max_false_alerts"]) == (0.8, 0.1)
     assert {"vs_labels", "vs_truth"} <= meta["test_metrics"].keys()
+    assert meta["scope"]["min_slices"] == 3 and "SE" in meta["scope"]["sequences"]
+    assert meta["ood"]["val_pass"] >= 0.99 and meta["ood"]["threshold"] > 0
     target, installed = ModelStore(tmp_path / "models").install(out)
     assert installed.sha256 == meta["sha256"] and (target / "model.keras").is_file()
+    assert (target / "ood.npz").is_file() and installed.ood == meta["ood"]

@@ -14,6 +14,7 @@ the worst ``top_fraction`` of slices) and a series is truly non-diagnostic when 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,12 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.errors import InvalidDicomError
 
 from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, decide
-from mriqa_node.ml.artifact import TASK_CLASSES, ArtifactError, ArtifactMeta, save_artifact
+from mriqa_node.ml.artifact import (
+    TASK_CLASSES,
+    ArtifactError,
+    ArtifactMeta,
+    save_artifact,
+    save_ood,
+)
 from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION
 from training.calibration import calibrate, calibrated_predictions, calibration_summary
 from training.train import CONFIG_FILE, MODEL_FILE, PREDICTIONS_FILE, SPLITS_FILE, read_history
+
+log = logging.getLogger(__name__)
 
 _BINARY = TASK_CLASSES["binary"]
 _SCORE_STEP = 1e-4  # decide() rounds series scores to 4 decimals
@@ -294,6 +304,41 @@ def plan_policy(
     return PolicyPlan(cal, op, test, calibrated)
 
 
+def scope_of_training(manifest: Path | str, min_slices: int = 3) -> dict[str, Any]:
+    """The model's scope (domain.scope.ModelScope) from the headers of what it was trained on:
+    the sequence families and in-plane sizes seen (one file per series), the fixed exclusions
+    (localizers, phase, diffusion, perfusion, derived, echo planar), and ``min_slices``: a
+    series score over fewer slices was not validated. Body parts and orientations are left
+    open: the training data covers several of each and rarely states BodyPartExamined."""
+    import pydicom
+
+    from mriqa_node.dicom.headers import image_facts
+    from mriqa_node.domain.scope import ModelScope
+    from training.manifest import read_manifest
+
+    path = Path(manifest)
+    if not path.is_file():
+        return ModelScope(min_slices=min_slices).as_dict()
+    first: dict[str, str] = {}
+    for r in read_manifest(path):
+        first.setdefault(r.series_uid, r.path)
+    sequences: set[str] = set()
+    sizes: list[int] = []
+    for file in first.values():
+        try:
+            f = image_facts(pydicom.dcmread(file, stop_before_pixels=True))
+        except Exception:  # arrays and images without a DICOM header: no facts
+            continue
+        sequences |= set(f.scanning_sequence) - {"EP"}
+        sizes += [s for s in (f.rows, f.columns) if s]
+    return ModelScope(
+        sequences=tuple(sorted(sequences)) or None,
+        min_size=min(sizes, default=32),
+        max_size=max(sizes, default=2048),
+        min_slices=min_slices,
+    ).as_dict()
+
+
 def export_artifact(
     run_dir: Path | str,
     out_dir: Path | str,
@@ -302,6 +347,7 @@ def export_artifact(
     sensitivity: float = 0.90,
     test_metrics: dict[str, Any] | None = None,
     max_false_alerts: float = 0.05,
+    ood: bool = True,
 ) -> ArtifactMeta:
     """Write the node's artifact (model.keras + model.json) for a finished run; ``test_metrics``
     are added to the test split's policy metrics (e.g. the report's metrics against truth)."""
@@ -349,6 +395,7 @@ def export_artifact(
             "counts": splits["counts"],
         },
         test_metrics=_jsonable(test_metrics),
+        scope=scope_of_training(cfg["manifest"]),
         extra=_jsonable(
             {
                 "architecture": {"model": cfg["model"], **_arch(cfg)},
@@ -368,7 +415,18 @@ def export_artifact(
         ),
     )
     model = keras.saving.load_model(run / MODEL_FILE, compile=False)
-    return save_artifact(model, Path(out_dir), meta)
+    meta = save_artifact(model, Path(out_dir), meta)
+    if ood:
+        from training.ood import fit_guard
+
+        try:
+            g = fit_guard(run, cfg["manifest"])
+        except (OSError, ValueError, KeyError, InvalidDicomError) as exc:
+            log.warning("no OOD guard in the artifact: %s", exc)
+        else:
+            meta = save_ood(Path(out_dir), meta, g["mean"], g["precision"], g["threshold"],
+                            g["figures"])  # fmt: skip
+    return meta
 
 
 def _arch(cfg: dict[str, Any]) -> dict[str, Any]:

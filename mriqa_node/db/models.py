@@ -58,6 +58,7 @@ class InstanceState(enum.StrEnum):
     claimed = "claimed"  # a worker is scoring it (claim expires at claim_expires_at)
     scored = "scored"
     unscorable = "unscorable"  # kept, but nothing to score: reason says why
+    out_of_scope = "out_of_scope"  # kept, not for this model (scope rule in reason): not scored
 
 
 class SeriesState(enum.StrEnum):
@@ -200,6 +201,8 @@ class SliceScore(Base):
     position: Mapped[float | None] = mapped_column(Float)  # along the slice normal, mm
     probabilities: Mapped[list[float]] = mapped_column(JSON)  # per class, model.json order
     p_nondiagnostic: Mapped[float] = mapped_column(Float)
+    # Mahalanobis distance of the slice's features to the training data (None: no guard).
+    distance: Mapped[float | None] = mapped_column(Float)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"))
 
     instance: Mapped[Instance] = relationship(back_populates="slices")
@@ -219,6 +222,7 @@ class SeriesVerdict(Base):
     worst_slices: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     n_slices: Mapped[int]
     n_unscorable: Mapped[int]
+    reason: Mapped[str | None] = mapped_column(Text)  # why not assessed (the scope rule)
     policy: Mapped[dict[str, Any]]
     decided_at: Mapped[datetime]
     # Seconds from the series' last instance to this verdict (the time-to-verdict metric).

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from mriqa_node.domain.records import InstanceHeader
+from mriqa_node.domain.scope import ImageFacts, orientation_of
 
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
@@ -47,7 +49,83 @@ def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
         accession_number=_str(ds.get("AccessionNumber"), 16),
         study_date=_str(ds.get("StudyDate"), 8),
         study_description=_str(ds.get("StudyDescription"), 200),
+        facts=image_facts(ds),
     )
+
+
+# Enhanced MR states the pulse sequence as EchoPulseSequence (+ EchoPlanarPulseSequence).
+_ECHO_PULSE = {"SPIN": ("SE",), "GRADIENT": ("GR",), "BOTH": ("SE", "GR")}
+
+
+def image_facts(ds: Dataset) -> ImageFacts:
+    """The header facts scope rules read (classic and Enhanced MR, vendors' b-value tags)."""
+    sequence = _values(ds.get("ScanningSequence"))
+    if not sequence:
+        sequence = _ECHO_PULSE.get(str(ds.get("EchoPulseSequence", "")).upper(), ())
+        if str(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES":
+            sequence = (*sequence, "EP")
+    return ImageFacts(
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        modality=_str(ds.get("Modality"), 16),
+        image_type=_values(ds.get("ImageType")),
+        scanning_sequence=sequence,
+        sequence_variant=_values(ds.get("SequenceVariant")),
+        b_value=_b_value(ds),
+        rows=_int(ds.get("Rows")),
+        columns=_int(ds.get("Columns")),
+        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
+        body_part=_str(ds.get("BodyPartExamined"), 16),
+        orientation=orientation_of(_orientation(ds)),
+        series_description=_str(ds.get("SeriesDescription"), 200),
+        protocol_name=_str(ds.get("ProtocolName"), 200),
+    )
+
+
+def _values(value: object) -> tuple[str, ...]:
+    if value in (None, ""):
+        return ()
+    items = value if isinstance(value, list | tuple | MultiValue) else [value]
+    return tuple(str(v).strip().upper() for v in items if str(v).strip())
+
+
+def _b_value(ds: Dataset) -> float | None:
+    """The largest b-value stated: DICOM (0018,9087), per frame in Enhanced MR, GE (0043,1039,
+    stored + 1e9 on some releases), Siemens (0019,100C)."""
+    found: list[float] = []
+    for tag in ((0x0018, 0x9087), (0x0019, 0x100C)):
+        if tag in ds:
+            found.append(_float(ds[tag].value))
+    if (0x0043, 0x1039) in ds:
+        first = _float(ds[0x0043, 0x1039].value)
+        found.append(first % 1e9 if first >= 1e9 else first)
+    for item in ds.get("PerFrameFunctionalGroupsSequence", [])[:512]:
+        for diffusion in item.get("MRDiffusionSequence", []):
+            found.append(_float(diffusion.get("DiffusionBValue")))
+    found = [b for b in found if b == b]  # drop NaN (unreadable values)
+    return max(found) if found else None
+
+
+def _float(value: object) -> float:
+    if isinstance(value, list | tuple | MultiValue):
+        value = value[0] if len(value) else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace").split("\\")[0]
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _orientation(ds: Dataset) -> list[float] | None:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None:
+        for group in ds.get("SharedFunctionalGroupsSequence", []):
+            for item in group.get("PlaneOrientationSequence", []):
+                iop = item.get("ImageOrientationPatient")
+    try:
+        return [float(v) for v in iop] if iop is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_complete(ds: Dataset) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mriqa_node.domain.scope import ImageFacts
+
 
 @dataclass(frozen=True)
 class InstanceHeader:
@@ -26,3 +28,4 @@ class InstanceHeader:
     accession_number: str | None = None
     study_date: str | None = None
     study_description: str | None = None
+    facts: ImageFacts | None = None  # what the scope rules read

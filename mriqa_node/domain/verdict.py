@@ -17,6 +17,7 @@ NON_DIAGNOSTIC = "non_diagnostic"
 DIAGNOSTIC = "diagnostic"
 EXCELLENT = "excellent"
 UNSCORABLE = "unscorable"
+NOT_ASSESSED = "not_assessed"  # outside the model's scope: never an alert, always with a reason
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class SliceResult:
     probabilities: Sequence[float]
     position: float | None = None
     instance_number: int | None = None
+    distance: float | None = None  # to the training data (the OOD guard); None: not measured
 
     @property
     def p_nondiagnostic(self) -> float:
@@ -67,10 +69,34 @@ class Verdict:
     worst_slices: list[dict[str, Any]]
     n_slices: int
     n_flagged: int
+    reason: str | None = None  # why a series is not assessed (or unscorable)
 
     @property
     def non_diagnostic(self) -> bool:
         return self.label == NON_DIAGNOSTIC
+
+
+def not_assessed(reason: str, n_slices: int = 0) -> Verdict:
+    """The verdict of a series the model is not made for: no score, no alert."""
+    return Verdict(NOT_ASSESSED, None, [], n_slices, 0, reason)
+
+
+UNLIKE = "not assessed: unlike the training data"
+
+
+def guard(
+    slices: Sequence[SliceResult], threshold: float | None
+) -> tuple[list[SliceResult], Verdict | None]:
+    """The OOD guard: slices farther from the training data than ``threshold`` are left out;
+    when they are half the series or more, the series is not assessed at all (never an
+    alert). Returns the slices to decide on, or the not-assessed verdict."""
+    if threshold is None:
+        return list(slices), None
+    kept = [s for s in slices if s.distance is None or s.distance <= threshold]
+    unlike = len(slices) - len(kept)
+    if slices and 2 * unlike >= len(slices):
+        return [], not_assessed(f"{UNLIKE} ({unlike} of {len(slices)} slices)", len(slices))
+    return kept, None
 
 
 def order_slices(slices: Sequence[SliceResult]) -> list[SliceResult]:

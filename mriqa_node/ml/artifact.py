@@ -13,11 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mriqa_node.domain.scope import ModelScope
 from mriqa_node.domain.verdict import NON_DIAGNOSTIC, SeriesPolicy
 from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
+OOD_FILE = "ood.npz"  # the out-of-distribution guard: feature mean and precision
 TASK_CLASSES = {
     "binary": ["non_diagnostic", "diagnostic"],
     "3class": ["non_diagnostic", "diagnostic", "excellent"],
@@ -45,6 +47,10 @@ class ArtifactMeta:
     temperature: float = 1.0
     trained: bool = True
     training_data: dict[str, Any] = field(default_factory=dict)
+    # What the model is made for (domain.scope.ModelScope); the node leaves the rest unscored.
+    scope: dict[str, Any] = field(default_factory=dict)
+    # The OOD guard (ood.npz): {"threshold", "sha256", figures}; empty: no guard.
+    ood: dict[str, Any] = field(default_factory=dict)
     test_metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +115,30 @@ def read_meta(directory: Path) -> ArtifactMeta:
     if meta.output != "logits" and meta.temperature != 1:
         raise ArtifactError(f"{directory}: a temperature needs output 'logits'")
     SeriesPolicy.from_dict(meta.policy)  # validates
+    try:
+        ModelScope.from_dict(meta.scope)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: scope: {exc}") from exc
+    if meta.ood:
+        ood = directory / OOD_FILE
+        if not ood.is_file() or sha256_file(ood) != meta.ood.get("sha256"):
+            raise ArtifactError(f"{ood}: missing or does not match model.json's ood.sha256")
+        if not isinstance(meta.ood.get("threshold"), int | float):
+            raise ArtifactError(f"{directory}: ood.threshold must be a number")
+    return meta
+
+
+def save_ood(directory: Path, meta: ArtifactMeta, mean: Any, precision: Any,
+             threshold: float, figures: dict[str, Any]) -> ArtifactMeta:  # fmt: skip
+    """Write ood.npz and record its hash and threshold in model.json."""
+    import numpy as np
+
+    directory = Path(directory)
+    np.savez(directory / OOD_FILE, mean=np.asarray(mean, np.float32),
+             precision=np.asarray(precision, np.float32))  # fmt: skip
+    meta.ood = {"threshold": float(threshold), "sha256": sha256_file(directory / OOD_FILE),
+                **figures}  # fmt: skip
+    (directory / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
     return meta
 
 

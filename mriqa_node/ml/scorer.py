@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mriqa_node.ml.artifact import MODEL_FILE, ArtifactMeta, read_meta
+from mriqa_node.ml.artifact import MODEL_FILE, OOD_FILE, ArtifactMeta, read_meta
+from mriqa_node.ml.ood import feature_model
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,28 @@ class Scorer:
             self.model = keras.saving.load_model(self.artifact_dir / MODEL_FILE, compile=False)
         logits = self.meta.output == "logits"
         temperature = float(self.meta.temperature)
+        self.ood_threshold: float | None = None
+        features_model = None
+        if self.meta.ood:  # the OOD guard: distance of the penultimate features
+            with np.load(self.artifact_dir / OOD_FILE) as ood:
+                mean = tf.constant(ood["mean"], tf.float32)
+                precision = tf.constant(ood["precision"], tf.float32)
+            self.ood_threshold = float(self.meta.ood["threshold"])
+            with tf.device(self.device.name):
+                features_model = feature_model(self.model)
 
-        def forward(x: tf.Tensor) -> tf.Tensor:
-            """Calibrated probabilities: softmax(logits / T), the one place the node makes them."""
-            y = tf.cast(self.model(x, training=False), tf.float32)
-            return tf.nn.softmax(y / temperature) if logits else y
+        def forward(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            """Calibrated probabilities: softmax(logits / T), the one place the node makes them;
+            and each slice's Mahalanobis distance to the training features (-1: no guard)."""
+            if features_model is None:
+                y = tf.cast(self.model(x, training=False), tf.float32)
+                distance = -tf.ones(tf.shape(x)[:1], tf.float32)
+            else:
+                y, f = features_model(x, training=False)
+                y = tf.cast(y, tf.float32)
+                d = tf.cast(f, tf.float32) - mean
+                distance = tf.sqrt(tf.maximum(tf.einsum("ij,jk,ik->i", d, precision, d), 0.0))
+            return (tf.nn.softmax(y / temperature) if logits else y), distance
 
         self._forward = tf.function(
             forward,
@@ -88,12 +106,18 @@ class Scorer:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """[n, size, size, 1] float32 in [0, 1] -> [n, classes] calibrated probabilities."""
+        return self.score(batch)[0]
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities as ``predict``, and each slice's distance to the training data (None
+        when the artifact has no OOD guard)."""
         import tensorflow as tf
 
         if batch.shape[0] == 0:
-            return np.zeros((0, len(self.meta.class_names)), np.float32)
+            return np.zeros((0, len(self.meta.class_names)), np.float32), None
         with tf.device(self.device.name):
-            return self._forward(tf.convert_to_tensor(batch, tf.float32)).numpy()
+            probs, distance = self._forward(tf.convert_to_tensor(batch, tf.float32))
+        return probs.numpy(), (distance.numpy() if self.ood_threshold is not None else None)
 
     def warm_up(self) -> None:
         """Trace and run once so the first real series does not pay for it."""

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mriqa_node.ml.artifact import ArtifactMeta, read_meta
+from mriqa_node.ml.artifact import META_FILE, MODEL_FILE, OOD_FILE, ArtifactMeta, read_meta
 
 POINTER = "current"
 
@@ -28,8 +28,9 @@ class ModelStore:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".installing-"))
-            for name in ("model.keras", "model.json"):
-                shutil.copy2(Path(source) / name, staging / name)
+            for name in (MODEL_FILE, META_FILE, OOD_FILE, "MODEL_CARD.md"):
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, staging / name)
             read_meta(staging)  # the copy is intact too
             os.replace(staging, target)
         self._point_to(target)

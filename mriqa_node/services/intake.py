@@ -28,6 +28,7 @@ from mriqa_node.db.models import (
 )
 from mriqa_node.domain.records import InstanceHeader
 from mriqa_node.domain.routing import ForwardRule, destinations_for
+from mriqa_node.domain.scope import Scope, ScopeDecision
 from mriqa_node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 class StoreOutcome(StrEnum):
     stored = "stored"
+    out_of_scope = "out_of_scope"  # kept (and forwarded), not for the model: not scored
     duplicate = "duplicate"  # same SOP Instance UID already kept: idempotent success
 
 
@@ -79,8 +81,10 @@ class Intake:
         on_work: Callable[[], None] = lambda: None,
         routes: Sequence[ForwardRule] = (),
         on_forward: Callable[[], None] = lambda: None,
+        scope: Callable[[], Scope] = Scope,
     ) -> None:
         self.sessions = sessions
+        self.scope = scope  # the active model's scope with the site's rules
         self.spool = spool
         self.on_work = on_work  # wakes an in-process worker
         self.routes = list(routes)  # PACS destinations that get what we receive
@@ -102,9 +106,15 @@ class Intake:
         )
         if outcome is StoreOutcome.duplicate:
             log.info("duplicate instance %s: already kept", header.sop_instance_uid)
-        else:
+        elif outcome is StoreOutcome.stored:
             self.on_work()
         return outcome
+
+    def decide_scope(self, header: InstanceHeader, calling_aet: str | None) -> ScopeDecision:
+        """In or out of the model's scope, from the header alone (before any GPU time)."""
+        if header.facts is None:
+            return ScopeDecision(True, "no header facts")
+        return self.scope().decide(header.facts, calling_aet)
 
     def register(
         self,
@@ -117,6 +127,8 @@ class Intake:
         """Commit the row for an instance; ``before_commit`` puts its file in place (it runs
         only for a new instance, inside the transaction)."""
         now = now_utc()
+        scope = self.decide_scope(header, calling_aet)
+        state = InstanceState.pending if scope.in_scope else InstanceState.out_of_scope
         with self.sessions.begin() as session:
             series_id = self._series_id(session, header, calling_aet, now)
             inserted = session.execute(
@@ -131,7 +143,8 @@ class Intake:
                     "spool_path": relpath,
                     "size_bytes": size,
                     "received_at": now,
-                    "state": InstanceState.pending,
+                    "state": state,
+                    "reason": scope.reason,
                 },
             ).first()
             if inserted is None:
@@ -148,6 +161,9 @@ class Intake:
                                 h.sop_instance_uid, h.series_uid, relpath, now)  # fmt: skip
         if targets:
             self.on_forward()
+        if not scope.in_scope:
+            log.debug("instance %s out of scope: %s", header.sop_instance_uid, scope.rule)
+            return StoreOutcome.out_of_scope
         return StoreOutcome.stored
 
     def _series_id(

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import Cursor, Event, Instance, Series
 from mriqa_node.dicom.objects import build_montage_sc, build_qa_sr, build_rejection_kos
+from mriqa_node.domain.verdict import NOT_ASSESSED
 from mriqa_node.services import queries
 from mriqa_node.services.feed import FeedCursor
 from mriqa_node.services.intake import _insert_ignore, enqueue_forward, now_utc
@@ -107,8 +108,10 @@ class PacsPublisher:
             return []
         detail = queries.series_detail(self.reads, series_uid)
         verdict = next((v for v in detail["verdicts"] if v["id"] == verdict_id), None)
-        if verdict is None or detail["model"] is None:
-            return []  # superseded, or nothing was scored: no result to report
+        if verdict is None or detail["model"] is None or verdict["label"] == NOT_ASSESSED:
+            # Superseded, nothing scored, or not assessed (a localizer, a DWI...): no QA
+            # result for the radiologist's PACS, where an SR per localizer would be clutter.
+            return []
         png = self.montage(series_uid) if sc_targets else None
         queued = []
         with self.sessions.begin() as session:

@@ -40,6 +40,7 @@ class InstanceResult:
     reason: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     frames: Sequence[int] | None = None  # frame numbers of the scores (None: 0, 1, ...)
+    distances: Sequence[float] | None = None  # to the training data, per score (OOD guard)
 
 
 class WorkQueue:
@@ -168,6 +169,9 @@ class WorkQueue:
                             position=position,
                             probabilities=[float(p) for p in probs],
                             p_nondiagnostic=float(probs[0]),
+                            distance=None
+                            if result.distances is None
+                            else float(result.distances[k]),
                             model_version_id=model_version_id,
                         )
                     )

@@ -26,7 +26,15 @@ from mriqa_node.db.models import (
     SliceScore,
 )
 from mriqa_node.domain.completion import CompletionRule
-from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, Verdict, decide
+from mriqa_node.domain.scope import ModelScope, Scope
+from mriqa_node.domain.verdict import (
+    SeriesPolicy,
+    SliceResult,
+    Verdict,
+    decide,
+    guard,
+    not_assessed,
+)
 from mriqa_node.services.intake import mark_complete, now_utc
 
 log = logging.getLogger(__name__)
@@ -126,12 +134,24 @@ class SeriesService:
         for score, sop_uid, number in rows:
             if model is not None and score.model_version_id == model.id:
                 latest[(score.instance_id, score.frame)] = SliceResult(
-                    sop_uid, score.frame, score.probabilities, score.position, number
-                )
+                    sop_uid, score.frame, score.probabilities, score.position, number,
+                    score.distance,
+                )  # fmt: skip
         policy = SeriesPolicy.from_dict(model.meta.get("policy") if model else None)
         policy = policy.overridden(**self.policy_overrides)
         classes = model.meta["class_names"] if model else ["non_diagnostic"]
-        verdict = decide(list(latest.values()), policy, classes)
+        threshold = (model.meta.get("ood") or {}).get("threshold") if model else None
+        kept, unlike = guard(list(latest.values()), threshold)
+        verdict = unlike or decide(kept, policy, classes)
+        if not latest:  # nothing scored: out of scope (or no anatomy) says why
+            reason = self._not_assessed_reason(session, series.id)
+            if reason:
+                verdict = not_assessed(reason)
+        elif model is not None and unlike is None:
+            scope = Scope(ModelScope.from_dict(model.meta.get("scope")))
+            reason = scope.too_few_slices(len(kept))
+            if reason:
+                verdict = not_assessed(reason, len(latest))
 
         row = SeriesVerdict(
             series_id=series.id,
@@ -141,6 +161,7 @@ class SeriesService:
             worst_slices=verdict.worst_slices,
             n_slices=verdict.n_slices,
             n_unscorable=n_unscorable or 0,
+            reason=verdict.reason,
             policy=policy.as_dict(),
             decided_at=now,
             seconds_after_last=(now - series.last_received_at).total_seconds(),
@@ -157,10 +178,11 @@ class SeriesService:
             Event(kind="verdict", series_uid=series.series_uid, payload=payload, created_at=now)
         )
         log.info(
-            "verdict series %s (%s): %s score=%s slices=%d unscorable=%d, %.2f s after the last",
+            "verdict series %s (%s): %s%s score=%s slices=%d unscorable=%d, %.2f s after the last",
             series.series_uid,
             series.series_description or "-",
             verdict.label,
+            f" ({verdict.reason})" if verdict.reason else "",
             verdict.score,
             verdict.n_slices,
             row.n_unscorable,
@@ -168,6 +190,22 @@ class SeriesService:
         )
         if verdict.non_diagnostic:
             self._raise_alert(session, series, row, payload, now)
+
+    @staticmethod
+    def _not_assessed_reason(session: Session, series_id: int) -> str | None:
+        """The scope rule of the series' first out-of-scope instance, else the first "not
+        assessed" reason of an unscorable one (no anatomy)."""
+        for state in (InstanceState.out_of_scope, InstanceState.unscorable):
+            reason = session.scalar(
+                select(Instance.reason)
+                .where(Instance.series_id == series_id, Instance.state == state,
+                       Instance.reason.like("not assessed%"))
+                .order_by(Instance.id)
+                .limit(1)
+            )  # fmt: skip
+            if reason:
+                return reason
+        return None
 
     def _raise_alert(
         self, session: Session, series: Series, verdict: SeriesVerdict, payload: dict, now: datetime
@@ -216,5 +254,6 @@ def verdict_payload(series: Series, verdict: Verdict, row: SeriesVerdict) -> dic
         "worst_slices": verdict.worst_slices,
         "n_slices": verdict.n_slices,
         "n_unscorable": row.n_unscorable,
+        "reason": verdict.reason,
         "verdict_id": row.id,
     }

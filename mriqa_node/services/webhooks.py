@@ -57,6 +57,7 @@ VERDICT_FIELDS = (
     "worst_slices",
     "n_slices",
     "n_unscorable",
+    "reason",
 )
 ITEM_COLUMNS = (WebhookDelivery.id, WebhookDelivery.webhook, WebhookDelivery.attempts, Event.id,
                 Event.kind, Event.series_uid, Event.payload, Event.created_at)  # fmt: skip

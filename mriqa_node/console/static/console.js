@@ -125,13 +125,14 @@ function refreshSeries() {
     const count = document.querySelector("h1 small");
     if (count) count.textContent = total > items.length ? `${total} in all, newest ${items.length} shown` : `${total} in all`;
     const rows = items.map((r) => {
-      const label = r.label ? el("span", { class: `badge badge-${r.label}` }, r.label.replace("_", "-")) : "";
+      const label = r.label ? el("span", { class: `badge badge-${r.label}`, title: r.reason || "" }, r.label.replace("_", "-")) : "";
+      const why = r.reason ? el("small", { class: "reason" }, r.reason.replace("not assessed: ", "")) : "";
       const slices = r.expected_slices ? `${r.slices} / ${r.expected_slices}` : `${r.slices}`;
       return el("tr", { class: `state-${r.display_state} label-${r.label || "none"}`, dataset: { seriesUid: r.series_uid } },
         el("td", {}, r.calling_aet || ""),
         el("td", {}, el("a", { href: `/series/${r.series_uid}` }, r.series_description || r.series_uid)),
         el("td", {}, el("time", { datetime: r.last_received_at }, r.last_received_at.slice(11, 19))),
-        el("td", { class: "num" }, slices), el("td", {}, r.display_state), el("td", {}, label),
+        el("td", { class: "num" }, slices), el("td", {}, r.display_state), el("td", {}, label, why ? " " : "", why),
         el("td", { class: "num" }, r.score == null ? "" : r.score.toFixed(2)));
     });
     if (rows.length) document.getElementById("series-rows").replaceChildren(...rows);
