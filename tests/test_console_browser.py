@@ -75,19 +75,16 @@ class Console:
         return rows[0][0] if rows else None
 
 
-@pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    """One real node with the bundled (trained) model and two users made in its database."""
-    root = tmp_path_factory.mktemp("console")
+@contextmanager
+def running_console(root: Path, series_threshold: float) -> Iterator[Console]:
+    """A real node with the bundled (trained) model and two users made in its database."""
     db_url = f"sqlite:///{root / 'mriqa.db'}"
     port, http_port = free_port(), free_port()
     config = write_config(
         root / "node.toml", port, db_url, BUNDLED_MODEL,  # the trained model: [model] path
         series={"idle_seconds": 1.0, "release_grace_seconds": 0.5},
         console={"port": http_port},
-        # The console is under test here, not the model: a threshold the phantom motion series
-        # clears (the bundled model's own, 0.88, is set for real anatomy; see its card).
-        verdict={"series_threshold": 0.5},
+        verdict={"series_threshold": series_threshold},
     )  # fmt: skip
     node = NodeProcess(config, port, root / "node.log").start(timeout=120)
     try:
@@ -99,6 +96,14 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         yield Console(node, db_url, f"http://127.0.0.1:{http_port}", root)
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    # The console is under test here, not the model: a threshold the phantom motion series
+    # clears (the bundled model's own is set for real anatomy; see its card).
+    with running_console(tmp_path_factory.mktemp("console"), series_threshold=0.5) as c:
+        yield c
 
 
 # -- the browser -----------------------------------------------------------------------------
@@ -281,3 +286,40 @@ def test_roles_and_sign_in_required(console: Console, context, browser, tmp_path
             expect(page.locator(".rate-slice button.rate")).to_have_count(4 * 3)
     finally:
         other.close()
+
+
+def test_ten_open_alerts_one_banner_a_compact_list_and_the_series_on_screen(
+    browser, tmp_path: Path
+) -> None:
+    """A 1280x800 screen: the newest alert is the banner and says how many more are open; the
+    older ones are a compact list, each with its buttons; the series list stays visible; the
+    tone sounds for each new alert. Its own node, where every scored series alerts (series
+    threshold 0): the console is under test, not the model."""
+    (tmp_path / "node").mkdir()
+    with running_console(tmp_path / "node", series_threshold=0.0) as console:
+        ctx = browser.new_context(base_url=console.base_url,
+                                  viewport={"width": 1280, "height": 800})  # fmt: skip
+        page = sign_in(ctx, console, TECH)
+        with explained(console, page, tmp_path):
+            expect(page.locator("#live-status.live-on")).to_have_count(1)
+            for i in range(10):
+                console.send(f"many{i}", 4, motion=1.0, seed=300 + i, description=f"MANY {i}")
+            banners = page.locator("section.alert-banner[data-alert-id]")
+            expect(banners).to_have_count(10, timeout=VERDICT_TIMEOUT * 1000)
+            assert page.evaluate("window.mriqa.tones") >= 10
+            newest = banners.first
+            expect(newest).to_contain_text("9 more open alerts below.")
+            big, small = newest.bounding_box(), banners.nth(1).bounding_box()
+            assert small["height"] < big["height"] / 2, (big, small)
+            rows = page.locator("#series-rows tr")
+            expect(rows.first).to_be_visible()
+            top = rows.first.bounding_box()
+            assert top["y"] + top["height"] <= 800, top  # the live list is on the screen
+            shot = tmp_path / "ten-alerts.png"
+            page.screenshot(path=str(shot))
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            for left in range(9, -1, -1):  # each one acknowledged from the list, newest first
+                banners.first.locator("button[data-action=accepted]").click()
+                expect(banners).to_have_count(left)
+            expect(page.locator(".alert-more")).to_have_count(0)
+        ctx.close()

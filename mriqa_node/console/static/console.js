@@ -6,7 +6,7 @@ const body = document.body;
 const csrf = body.dataset.csrf;
 const mayAck = body.dataset.mayAck === "yes";
 // For tests and benchmarks: when each alert's banner became visible (ms since epoch).
-window.mriqa = { bannerShownAt: {}, events: 0 };
+window.mriqa = { bannerShownAt: {}, events: 0, tones: 0 };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -30,6 +30,7 @@ async function api(method, path, payload) {
 // -- sound and notifications ---------------------------------------------------------------
 let audio = null;
 function tone() {
+  window.mriqa.tones += 1;
   if (!audio) return;
   const t0 = audio.currentTime;
   for (let i = 0; i < 3; i++) {  // three short high beeps: hard to miss, not a fire alarm
@@ -81,6 +82,7 @@ function bindBanner(banner) {
       try {
         await api("POST", `/api/alerts/${id}/ack`, { action: button.dataset.action, comment });
         banner.remove();
+        countAlerts();
       } catch (e) { button.disabled = false; alert(`Could not acknowledge: ${e.message}`); }
     });
   }
@@ -105,15 +107,31 @@ function showAlert(a) {
   }
   alertsBox.prepend(banner);
   bindBanner(banner);
+  countAlerts();
   tone();
   notify(a);
 }
 
-function clearAlert(id) { document.getElementById(`alert-${id}`)?.remove(); }
+function clearAlert(id) { document.getElementById(`alert-${id}`)?.remove(); countAlerts(); }
+
+// Several open alerts: the newest is the banner and says how many more are open; the older
+// ones are a compact list under it (console.css), so the series list stays on screen.
+function countAlerts() {
+  if (!alertsBox) return;
+  const open = alertsBox.querySelectorAll(".alert-banner[data-alert-id]");
+  alertsBox.querySelectorAll(".alert-more").forEach((m) => m.remove());
+  if (open.length > 1) {
+    const more = open.length - 1;
+    open[0].querySelector(".alert-text").append(
+      el("span", { class: "alert-more" }, ` ${more} more open alert${more > 1 ? "s" : ""} below.`));
+  }
+  alertsBox.classList.toggle("several", open.length > 1);
+}
 
 // Repeat the tone while an alert is open: the technologist may be at the patient.
 setInterval(() => { if (alertsBox && alertsBox.children.length) tone(); }, 20000);
 document.querySelectorAll(".alert-banner").forEach(bindBanner);
+countAlerts();
 
 // -- live series list ----------------------------------------------------------------------
 let refreshTimer = null;
