@@ -423,6 +423,11 @@ def _model_card(target: Path, meta, run: Path, corruption: list[Path]) -> None:
         *(f"- WARNING: {w}" for w in op.get("warnings", [])),
         f"- sha256 of model.keras: {meta.sha256}",
         "",
+        "## Scope (the node leaves everything else not assessed)",
+        "",
+        f"- {json.dumps(meta.scope)}",
+        *_ood_lines(meta.ood),
+        "",
         "## Data (split by subject, never by slice)",
         "",
         *[f"- {name}: {', '.join(splits['patients'][name])}" for name in ("train", "val", "test")],
@@ -437,6 +442,20 @@ def _model_card(target: Path, meta, run: Path, corruption: list[Path]) -> None:
         f"Training run config: `{json.dumps(json.loads((run / 'config.json').read_text()))}`",
     ]
     (target / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def _ood_lines(ood: dict) -> list[str]:
+    if not ood:
+        return ["- no OOD guard"]
+    stopped = ", ".join(f"{k} {'stopped' if v else 'PASSES'}" for k, v in
+                        ood.get("probes_stopped", {}).items())  # fmt: skip
+    test = "n/a" if ood.get("test_pass") is None else f"{ood['test_pass']:.1%}"
+    return [
+        f"- OOD guard: distance threshold {ood['threshold']:.3g} (the {ood['quantile']:.0%}"
+        f" quantile of {ood['val_slices']} validation slices); held-out test slices passing:"
+        f" {test} of {ood['test_slices']}; probes: {stopped} (a blank image is stopped before,"
+        " by the node's no-anatomy check)",
+    ]
 
 
 if __name__ == "__main__":
