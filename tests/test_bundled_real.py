@@ -92,3 +92,28 @@ def test_bundled_model_is_calibrated_and_says_what_it_was_trained_on():
     assert meta.temperature != 1.0
     card = (BUNDLED / "MODEL_CARD.md").read_text()
     assert "Real anatomy never seen in training" in card
+
+
+def test_the_guard_passes_held_out_real_slices_and_stops_what_is_not_mr(scorer):
+    """The OOD guard of the bundled model: held-out real structural slices (the Philips MPRAGE,
+    a test subject) pass; pure noise and a photograph-like image do not; a blank image is
+    stopped before it, by the node's no-anatomy check."""
+    import numpy as np
+    import pydicom
+
+    from mriqa_node.preprocess import preprocess_frames
+    from tests.test_preprocess import make_ds
+    from training.ood import probe_images
+
+    model, _ = scorer
+    assert model.ood_threshold is not None
+    files = sorted((SHARED / "intake" / "philips_elition_classic_mprage").rglob("*.dcm"))[::4]
+    frames = [preprocess_frames(pydicom.dcmread(f)) for f in files]
+    images = np.concatenate([f.images[f.anatomy] for f in frames])
+    _, distance = model.score(images)
+    assert len(distance) >= 30 and np.mean(distance <= model.ood_threshold) >= 0.95, distance
+    probes = probe_images(512)
+    _, probe_distance = model.score(np.stack([probes["noise"], probes["photo"]])[..., None])
+    assert np.all(probe_distance > model.ood_threshold), probe_distance
+    blank = make_ds(np.zeros((64, 64), np.uint16))
+    assert len(preprocess_frames(blank).anatomy) == 0
