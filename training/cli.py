@@ -127,9 +127,9 @@ BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "
     help="corruption.csv of `mriqa-train corrupt` (repeatable).",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--steps", default=300, show_default=True)
-@click.option("--batch", default=16, show_default=True)
-@click.option("--widths", default="8,16,32,64", show_default=True)
+@click.option("--steps", default=600, show_default=True)
+@click.option("--batch", default=24, show_default=True)
+@click.option("--widths", default="16,32,64,128", show_default=True)
 @click.option("--downsample", default=2, show_default=True)
 @click.option("--source", "only", multiple=True, help="Only these sources (default: all).")
 def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, batch: int,
