@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from io import BytesIO
 from pathlib import Path
 
@@ -288,6 +289,23 @@ def test_storescu_localizer_and_dwi_raise_no_alert_the_motion_series_does(
     assert labels[uids["dwi"]] == ("not_assessed", "not assessed: model: sequence EP (echo planar)")
     assert labels[uids["motion"]][0] == "non_diagnostic"
     assert alerts == [uids["motion"]]
+
+    from tests.test_node_e2e import mriqa_cli
+
+    status = mriqa_cli(node.config, "status", "--json")
+    rows = {r["series_uid"]: r for r in json.loads(status.stdout)["series"]}
+    assert rows[uids["dwi"]]["label"] == "not_assessed"
+    assert rows[uids["dwi"]]["reason"] == "not assessed: model: sequence EP (echo planar)"
+    text = mriqa_cli(node.config, "status").stdout
+    assert "not assessed: model: ImageType LOCALIZER" in text
+    shown = mriqa_cli(node.config, "config", "show").stdout
+    assert "[[scope.exclude]]" in shown and 'field = "description"' in shown
+    explained = mriqa_cli(node.config, "score", "--explain-scope", str(INTAKE / "ge_pioneer_dwi"),
+                          str(motion[0].parent))  # fmt: skip
+    assert explained.returncode == 0, explained.stderr
+    assert "not_assessed" in explained.stdout
+    assert "scope: 12 instance(s): model: diffusion-weighted (b = 1000)" in explained.stdout
+    assert "scope: 8 instance(s): model scope" in explained.stdout
 
 
 # --- the OOD guard ------------------------------------------------------------------------------
