@@ -10,15 +10,26 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+
+def _compiles(v: str) -> str:
+    try:
+        re.compile(v)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from exc
+    return v
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
 
 
 class _Section(BaseModel):
@@ -152,7 +163,7 @@ class DestinationConfig(RemoteAE):
     # Rules: an instance is forwarded when it matches all the non-empty ones.
     calling_aets: list[str] = []
     modalities: list[str] = []
-    series_description: str = ""  # a regular expression, searched case-insensitively
+    series_description: Regex = ""  # a regular expression, searched case-insensitively
     send_kos: bool = True  # IOCM rejection notes (KOS 113001) for rejected series
     send_sr: bool = True  # a QA result SR per decided series
     send_montage: bool = False  # a Secondary Capture montage with heat maps per verdict
@@ -166,15 +177,6 @@ class DestinationConfig(RemoteAE):
     max_attempts: int = Field(0, ge=0)
     backoff_seconds: float = Field(1.0, gt=0)
     backoff_max_seconds: float = Field(60.0, gt=0)
-
-    @field_validator("series_description")
-    @classmethod
-    def _regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from exc
-        return v
 
 
 class PacsConfig(_Section):
@@ -203,16 +205,7 @@ class ScopeRuleConfig(_Section):
 
     field: Literal["description", "protocol", "calling_aet", "body_part", "sequence",
                    "orientation"]  # fmt: skip
-    pattern: str = Field(min_length=1)
-
-    @field_validator("pattern")
-    @classmethod
-    def _regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression: {exc}") from exc
-        return v
+    pattern: Annotated[Regex, Field(min_length=1)]
 
 
 class ScopeConfig(_Section):

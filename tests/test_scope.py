@@ -359,3 +359,17 @@ def test_a_scorer_with_a_guard_gives_distances_and_checks_its_file(tmp_path: Pat
     data.pop("ood")
     (art / "model.json").write_text(json.dumps(data))
     assert Scorer(art).score(np.zeros((1, 512, 512, 1), np.float32))[1] is None
+
+
+def test_scope_config_is_checked_and_reaches_the_rules() -> None:
+    from mriqa_node.config import ConfigError, load_config
+    from mriqa_node.node import site_scope_rules
+
+    settings = load_config(None, scope={"include": [{"field": "protocol", "pattern": "^haste"}]})
+    rules = site_scope_rules(settings)
+    assert [str(r) for r in rules][-1] == "site include protocol ~ /^haste/"
+    assert str(rules[0]).startswith("site exclude description ~ /localizer")  # the default
+    for bad in ({"field": "description", "pattern": "(unclosed"},
+                {"field": "colour", "pattern": "x"}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            load_config(None, scope={"exclude": [bad]})
