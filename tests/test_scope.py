@@ -29,6 +29,7 @@ from mriqa_node.phantom import synth_series
 from mriqa_node.services.intake import Intake, StoreOutcome
 from mriqa_node.services.series import SeriesService
 from tests.conftest import GRACE, IDLE, Env, storescu, wait_for
+from tests.test_services import MODEL_META
 
 INTAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "intake"
 needs_intake = pytest.mark.skipif(
@@ -225,14 +226,7 @@ def test_too_few_slices_for_the_model_is_not_assessed(env: Env) -> None:
     datasets = synth_series(2, size=64, seed=8)
     for ds in datasets:
         _store(env.intake, ds)
-    meta = {
-        "name": "m",
-        "version": "1",
-        "sha256": "f" * 64,
-        "task": "binary",
-        "class_names": ["non_diagnostic", "diagnostic"],
-        "scope": {"min_slices": 3},
-    }
+    meta = {**MODEL_META, "sha256": "5c" * 32, "scope": {"min_slices": 3}}
     model_id = env.queue.model_version_id(meta)
     claims = env.queue.claim("host:1:a", 10)
     env.queue.record(
