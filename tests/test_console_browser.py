@@ -299,6 +299,7 @@ def test_ten_open_alerts_one_banner_a_compact_list_and_the_series_on_screen(
     with running_console(tmp_path / "node", series_threshold=0.0) as console:
         ctx = browser.new_context(base_url=console.base_url,
                                   viewport={"width": 1280, "height": 800})  # fmt: skip
+        ctx.set_default_timeout(15_000)
         page = sign_in(ctx, console, TECH)
         with explained(console, page, tmp_path):
             expect(page.locator("#live-status.live-on")).to_have_count(1)
@@ -320,6 +321,27 @@ def test_ten_open_alerts_one_banner_a_compact_list_and_the_series_on_screen(
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             for left in range(9, -1, -1):  # each one acknowledged from the list, newest first
                 banners.first.locator("button[data-action=accepted]").click()
-                expect(banners).to_have_count(left)
-            expect(page.locator(".alert-more")).to_have_count(0)
+                expect(banners).to_have_count(left, timeout=15_000)
+            expect(page.locator(".alert-more")).to_have_count(0, timeout=15_000)
+
+            # A localizer: not assessed, a grey badge with its reason, and no alert at all
+            # although every scored series alerts on this node.
+            series = synth_series(3, size=128, seed=400, series_description="head overview")
+            for ds in series:
+                ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+            storescu(console.node.port, write_series(series, console.root / "localizer"))
+            uid = str(series[0].SeriesInstanceUID)
+            row = page.locator(f'#series-rows tr[data-series-uid="{uid}"]')
+            badge = row.locator(".badge.badge-not_assessed")
+            expect(badge).to_have_text("not-assessed", timeout=VERDICT_TIMEOUT * 1000)
+            expect(row.locator(".reason")).to_have_text(
+                "model: ImageType LOCALIZER", timeout=15_000
+            )
+            grey = badge.evaluate("b => getComputedStyle(b).backgroundColor")
+            assert grey != "rgb(0, 0, 0)" and "255, 0" not in grey, grey
+            expect(banners).to_have_count(0)
+            page.goto(f"/series/{uid}")
+            expect(page.locator("p.reason")).to_contain_text(
+                "not assessed: model: ImageType LOCALIZER", timeout=15_000
+            )
         ctx.close()
