@@ -72,3 +72,18 @@ def test_automatic_rejection_and_destinations_that_want_nothing(env: Env) -> Non
     pub.step()
     assert [j.series_uid for j in queued(env)] == [bad]  # the note only: no SR wanted
     assert queued(env)[0].kind == "kos"
+
+
+def test_a_not_assessed_series_gets_no_sr(env: Env) -> None:
+    """A localizer is not assessed: the radiologist's PACS gets no QA result for it."""
+    from tests.test_scope import _localizer, _store
+
+    pub = publisher(env)
+    pub.step()
+    localizer = _localizer(seed=12)
+    for ds in localizer:
+        _store(env.intake, ds)
+    assert env.series.tick() == [localizer[0].SeriesInstanceUID]
+    good = decided_series(env, 0.1, seed=13)
+    assert pub.step() >= 2  # both verdicts handled
+    assert [j.series_uid for j in queued(env, "sr")] == [good]
