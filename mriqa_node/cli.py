@@ -34,14 +34,32 @@ def _settings(ctx: click.Context) -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
-@click.group()
-@click.option(
-    "--config",
-    "config",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="TOML config file (default: $MRIQA_CONFIG, else built-in defaults).",
-)
+CONFIG_HELP = "TOML config file (default: $MRIQA_CONFIG, else built-in defaults)."
+
+
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["config"] = value
+
+
+class _Group(click.Group):
+    """A group whose commands all take ``--config`` too, so ``mriqa serve --config FILE`` works
+    as well as ``mriqa --config FILE serve`` (sub-groups are of this class as well)."""
+
+    group_class = type
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not isinstance(cmd, click.Group) and not any(p.name == "config" for p in cmd.params):
+            cmd.params.append(click.Option(
+                ["--config"], type=click.Path(dir_okay=False), expose_value=False,
+                callback=_remember_config, help=CONFIG_HELP,
+            ))  # fmt: skip
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group)
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help=CONFIG_HELP)  # fmt: skip
 @click.pass_context
 def main(ctx: click.Context, config: str | None) -> None:
     """mriqa-node: scanner-side MRI quality node."""
