@@ -137,7 +137,8 @@ def test_tiny_model_separates_clean_from_heavy_motion_on_an_unseen_subject(tmp_p
         "unknown_unknown_cspine_t2star_gre_tra", "hitachi_echelon_shoulder_se_obl",
         "unknown_unknown_brain_t1_tra_seg3d",
     ]  # fmt: skip
-    config = CorruptConfig(copies=2, levels=("clean", "heavy"), max_slices=8, nuisance=0.5)
+    config = CorruptConfig(copies=2, levels=("clean", "heavy"), max_slices=8, nuisance=0.5,
+                           reslice=False)  # fmt: skip
     manifest = write_corrupted([ANATOMY / f for f in folders], tmp_path / "data", config,
                                progress=False)  # fmt: skip
     run = train(

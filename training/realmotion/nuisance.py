@@ -69,15 +69,16 @@ def draw_nuisance(rng: np.random.Generator, strength: float = 1.0) -> Nuisance:
         rot90=int(rng.integers(0, 4)) if maybe(0.4) else 0,
         max_value=int(rng.choice([1023, 4095, 4095, 32767, 65535])),
         window=bool(rng.random() < 0.7),
-        window_range=_window_range(rng),
+        window_range=_window_range(rng, s),
     )
 
 
-def _window_range(rng: np.random.Generator) -> tuple[float, float]:
-    """A vendor-like window: the bright level lands anywhere from 0.4 (a window over the whole
-    stored range, as GE and Siemens often send) to a little above 1 (tissue saturates)."""
-    low = float(rng.uniform(-0.05, 0.08))
-    bright = float(rng.uniform(0.4, 1.15))  # where the bright level lands on the screen
+def _window_range(rng: np.random.Generator, strength: float) -> tuple[float, float]:
+    """A vendor-like window: at full strength the bright level lands anywhere from 0.4 (a
+    window over the whole stored range, as GE and Siemens often send) to a little above 1
+    (tissue saturates); weaker draws stay nearer 1."""
+    low = strength * float(rng.uniform(-0.05, 0.08))
+    bright = 1.0 + strength * (float(rng.uniform(0.4, 1.15)) - 1.0)  # where it lands on screen
     return low, low + (1.0 - low) / bright
 
 
