@@ -18,11 +18,12 @@ from sqlalchemy import select, update
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import ForwardJob
+from mriqa_node.db.sql import now_utc
 from mriqa_node.dicom.forward import StoreSender
 from mriqa_node.domain.routing import ForwardRule, destinations_for
 from mriqa_node.phantom import synth_series
 from mriqa_node.services.forwarding import ForwardQueue, Job, Outcome
-from mriqa_node.services.intake import Intake, now_utc
+from mriqa_node.services.intake import Intake
 from tests.conftest import Env, dcmtk, free_port
 from tests.test_services import run_concurrently, store
 

@@ -32,13 +32,14 @@ from mriqa_node.db.models import (
     SliceScore,
     Study,
 )
+from mriqa_node.db.sql import now_utc
 from mriqa_node.dicom.headers import parse_header
 from mriqa_node.domain.completion import CompletionRule
 from mriqa_node.domain.records import InstanceHeader
 from mriqa_node.domain.verdict import SeriesPolicy
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
-from mriqa_node.services.intake import Intake, StoreOutcome, now_utc
+from mriqa_node.services.intake import Intake, StoreOutcome
 from mriqa_node.services.scoring import Claim, InstanceResult, WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import TMP_SUFFIX, Spool

@@ -19,8 +19,8 @@ from mriqa_node.config import WebhookConfig
 from mriqa_node.db import migrate
 from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
+from mriqa_node.db.sql import now_utc
 from mriqa_node.services import webhooks
-from mriqa_node.services.intake import now_utc
 from mriqa_node.services.webhooks import WebhookOutbox, backoff, cursor_name, sign, verify
 from tests.conftest import free_port
 

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Event, Series, SeriesState
+from mriqa_node.db.sql import now_utc
 from mriqa_node.services.feed import FeedCursor
-from mriqa_node.services.intake import now_utc
 from mriqa_node.services.queries import DISPLAY_STATE
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,14 @@ acknowledgement is also an ``alert_acknowledged`` event, for live pages and noti
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import AckAction, Alert, AlertState, Event, Series, SeriesVerdict
-from mriqa_node.services.intake import now_utc
+from mriqa_node.db.sql import now_utc
 from mriqa_node.services.users import Principal
 
 log = logging.getLogger(__name__)
@@ -123,3 +124,19 @@ class AlertService:
         log.info("alert %d for series %s acknowledged by %s: %s", alert_id, series_uid, user.name,
                  action.value)  # fmt: skip
         return self.get(alert_id)
+
+
+def open_alert(session: Session, series_id: int, verdict_id: int, now: datetime) -> Alert:
+    """The series' open rescan alert, pointed at this verdict: a new one, or the one already
+    open (a reopened series decided again must not stack a second alert)."""
+    alert = session.scalar(
+        select(Alert).where(Alert.series_id == series_id, Alert.state == AlertState.open)
+    )
+    if alert is None:
+        alert = Alert(series_id=series_id, verdict_id=verdict_id, kind="non_diagnostic",
+                      created_at=now)  # fmt: skip
+        session.add(alert)
+    else:
+        alert.verdict_id = verdict_id
+    session.flush()
+    return alert

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import ForwardJob, ForwardState
+from mriqa_node.db.sql import insert_ignore, now_utc
 from mriqa_node.services.claims import lock_oldest
-from mriqa_node.services.intake import now_utc
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +256,20 @@ class Forwarder:
             except Exception:  # database away: keep trying, jobs are in the database
                 log.exception("forwarder %s error; retrying in 1 s", dest.name)
                 stop.wait(1.0)
+
+
+def enqueue_forward(
+    session: Session,
+    destination: str,
+    kind: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    series_uid: str,
+    spool_path: str,
+    now: datetime,
+) -> None:
+    """Queue a C-STORE of a spooled file to a destination (once per SOP instance)."""
+    insert_ignore(session, ForwardJob, destination=destination, kind=kind,
+                   sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                   series_uid=series_uid, spool_path=spool_path, state=ForwardState.pending,
+                   attempts=0, next_attempt_at=now, created_at=now)  # fmt: skip

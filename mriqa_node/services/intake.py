@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -18,17 +17,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import (
     Event,
-    ForwardJob,
-    ForwardState,
     Instance,
     InstanceState,
     Series,
     SeriesState,
     Study,
 )
+from mriqa_node.db.sql import insert_ignore, now_utc
 from mriqa_node.domain.records import InstanceHeader
 from mriqa_node.domain.routing import ForwardRule, destinations_for
 from mriqa_node.domain.scope import Scope, ScopeDecision
+from mriqa_node.services.forwarding import enqueue_forward
+from mriqa_node.services.series import mark_complete
 from mriqa_node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -38,20 +38,6 @@ class StoreOutcome(StrEnum):
     stored = "stored"
     out_of_scope = "out_of_scope"  # kept (and forwarded), not for the model: not scored
     duplicate = "duplicate"  # same SOP Instance UID already kept: idempotent success
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def _dialect(session: Session) -> Any:
-    """The dialect module whose insert() has ON CONFLICT (both engines have it)."""
-    return postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-
-
-def _insert_ignore(session: Session, model: type, **values: object) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING, so concurrent receivers never collide."""
-    session.execute(_dialect(session).insert(model).values(**values).on_conflict_do_nothing())
 
 
 _COUNT = (
@@ -181,7 +167,7 @@ class Intake:
     def _upsert_series(
         self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
     ) -> int:
-        _insert_ignore(
+        insert_ignore(
             session,
             Study,
             study_uid=h.study_uid,
@@ -193,7 +179,7 @@ class Intake:
             created_at=now,
         )
         study_id = session.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
-        _insert_ignore(
+        insert_ignore(
             session,
             Series,
             series_uid=h.series_uid,
@@ -247,39 +233,3 @@ class Intake:
                 .where(Series.series_uid.in_(series_uids), Series.state == SeriesState.receiving)
                 .values(released_at=now_utc())
             )
-
-
-def mark_complete(
-    session: Session, series_id: int, series_uid: str, now: datetime, why: str
-) -> bool:
-    """receiving -> complete, once (a conditional update, safe across processes)."""
-    done = session.execute(
-        update(Series)
-        .where(Series.id == series_id, Series.state == SeriesState.receiving)
-        .values(state=SeriesState.complete, completed_at=now)
-    ).rowcount
-    if done:
-        session.add(
-            Event(
-                kind="series_complete", series_uid=series_uid, payload={"why": why}, created_at=now
-            )
-        )
-        log.info("series %s complete (%s)", series_uid, why)
-    return bool(done)
-
-
-def enqueue_forward(
-    session: Session,
-    destination: str,
-    kind: str,
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    series_uid: str,
-    spool_path: str,
-    now: datetime,
-) -> None:
-    """Queue a C-STORE of a spooled file to a destination (once per SOP instance)."""
-    _insert_ignore(session, ForwardJob, destination=destination, kind=kind,
-                   sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
-                   series_uid=series_uid, spool_path=spool_path, state=ForwardState.pending,
-                   attempts=0, next_attempt_at=now, created_at=now)  # fmt: skip

@@ -28,11 +28,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import Cursor, Event, Instance, Series
+from mriqa_node.db.sql import insert_ignore, now_utc
 from mriqa_node.dicom.objects import build_montage_sc, build_qa_sr, build_rejection_kos
 from mriqa_node.domain.verdict import NOT_ASSESSED
 from mriqa_node.services import queries
 from mriqa_node.services.feed import FeedCursor
-from mriqa_node.services.intake import _insert_ignore, enqueue_forward, now_utc
+from mriqa_node.services.forwarding import enqueue_forward
 from mriqa_node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class PacsPublisher:
     def _load_cursor(self) -> int:
         with self.sessions.begin() as session:
             top = session.scalar(select(Event.id).order_by(Event.id.desc()).limit(1)) or 0
-            _insert_ignore(session, Cursor, name=CURSOR, last_event_id=top)
+            insert_ignore(session, Cursor, name=CURSOR, last_event_id=top)
             return session.scalar(select(Cursor.last_event_id).where(Cursor.name == CURSOR))
 
     def _save_cursor(self, low: int) -> None:

@@ -32,9 +32,9 @@ from mriqa_node.db.models import (
     Study,
     User,
 )
+from mriqa_node.db.sql import now_utc
 from mriqa_node.domain.agreement import binarise, compare, pairwise
 from mriqa_node.domain.verdict import DIAGNOSTIC, EXCELLENT, NON_DIAGNOSTIC
-from mriqa_node.services.intake import now_utc
 from mriqa_node.services.users import RATE_ROLES, Principal
 
 CLASS_NAMES = [NON_DIAGNOSTIC, DIAGNOSTIC, EXCELLENT]  # rating value = index

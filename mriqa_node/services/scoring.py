@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
+from mriqa_node.db.sql import now_utc
 from mriqa_node.services.claims import lock_oldest
-from mriqa_node.services.intake import now_utc
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import (
-    Alert,
     Event,
     Instance,
     InstanceState,
@@ -25,6 +24,7 @@ from mriqa_node.db.models import (
     SeriesVerdict,
     SliceScore,
 )
+from mriqa_node.db.sql import now_utc
 from mriqa_node.domain.completion import CompletionRule
 from mriqa_node.domain.scope import ModelScope, Scope
 from mriqa_node.domain.verdict import (
@@ -35,7 +35,7 @@ from mriqa_node.domain.verdict import (
     guard,
     not_assessed,
 )
-from mriqa_node.services.intake import mark_complete, now_utc
+from mriqa_node.services.alerts import open_alert
 
 log = logging.getLogger(__name__)
 UNFINISHED = (InstanceState.pending, InstanceState.claimed)
@@ -210,18 +210,7 @@ class SeriesService:
     def _raise_alert(
         self, session: Session, series: Series, verdict: SeriesVerdict, payload: dict, now: datetime
     ) -> None:
-        open_alert = session.scalar(
-            select(Alert.id).where(Alert.series_id == series.id, Alert.state == "open")
-        )
-        if open_alert is None:
-            alert = Alert(
-                series_id=series.id, verdict_id=verdict.id, kind="non_diagnostic", created_at=now
-            )
-            session.add(alert)
-        else:
-            alert = session.get(Alert, open_alert)
-            alert.verdict_id = verdict.id
-        session.flush()
+        alert = open_alert(session, series.id, verdict.id, now)
         session.add(
             Event(
                 kind="alert",
@@ -257,3 +246,22 @@ def verdict_payload(series: Series, verdict: Verdict, row: SeriesVerdict) -> dic
         "reason": verdict.reason,
         "verdict_id": row.id,
     }
+
+
+def mark_complete(
+    session: Session, series_id: int, series_uid: str, now: datetime, why: str
+) -> bool:
+    """receiving -> complete, once (a conditional update, safe across processes)."""
+    done = session.execute(
+        update(Series)
+        .where(Series.id == series_id, Series.state == SeriesState.receiving)
+        .values(state=SeriesState.complete, completed_at=now)
+    ).rowcount
+    if done:
+        session.add(
+            Event(
+                kind="series_complete", series_uid=series_uid, payload={"why": why}, created_at=now
+            )
+        )
+        log.info("series %s complete (%s)", series_uid, why)
+    return bool(done)

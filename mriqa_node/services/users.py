@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import ApiToken, Role, User
-from mriqa_node.services.intake import now_utc
+from mriqa_node.db.sql import now_utc
 
 _hasher = PasswordHasher()
 # Verified against when the user does not exist, so a wrong name costs as long as a wrong password.

@@ -40,8 +40,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import WebhookConfig
 from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
+from mriqa_node.db.sql import dialect, insert_ignore, now_utc
 from mriqa_node.services.claims import lock_oldest
-from mriqa_node.services.intake import _dialect, _insert_ignore, now_utc
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class WebhookOutbox:
         with self.sessions.begin() as session:
             top = session.scalar(select(func.max(Event.id))) or 0
             for name in cursors.keys() - seen.keys():  # a new webhook starts at the newest event
-                _insert_ignore(session, Cursor, name=name, last_event_id=top)
+                insert_ignore(session, Cursor, name=name, last_event_id=top)
             # Locked in name order: concurrent fan-outs queue here instead of deadlocking.
             rows = session.scalars(
                 select(Cursor)
@@ -157,7 +157,7 @@ class WebhookOutbox:
                        for event_id, kind in events
                        if event_id > cursor.last_event_id and kind in hook.events]  # fmt: skip
                 if new:  # ON CONFLICT DO NOTHING: a row that exists stays as it is
-                    insert = _dialect(session).insert(WebhookDelivery).values(new)
+                    insert = dialect(session).insert(WebhookDelivery).values(new)
                     returning = insert.on_conflict_do_nothing().returning(WebhookDelivery.id)
                     created += len(session.execute(returning).all())
                 if events and events[-1][0] > cursor.last_event_id:
