@@ -242,3 +242,17 @@ def test_release_grace_only_when_released_after_the_last_instance() -> None:
 def test_release_grace_never_extends_the_idle_time() -> None:
     rule = CompletionRule(idle_seconds=2.0, release_grace_seconds=10.0)
     assert rule.deadline(T0, T0 + timedelta(seconds=1)) == T0 + timedelta(seconds=2)
+
+
+def test_backoff_doubles_is_capped_and_never_overflows() -> None:
+    from mriqa_node.config import DestinationConfig
+    from mriqa_node.domain.retry import backoff
+    from mriqa_node.services import forwarding
+
+    assert [backoff(n, 1.0, 60.0) for n in (0, 1, 2, 3, 7, 8)] == [1, 1, 2, 4, 60, 60]
+    # A week-long PACS outage at one retry a minute: about 10,000 failures (the old forwarder
+    # raised OverflowError after 1,025).
+    assert backoff(10_080, 1.0, 60.0) == 60.0 and backoff(10**9, 0.5, 30.0) == 30.0
+    dest = DestinationConfig(name="p", ae_title="P", host="h", port=104, backoff_seconds=2,
+                             backoff_max_seconds=300)  # fmt: skip
+    assert forwarding.backoff(dest, 2000) == 300.0

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import ForwardJob, ForwardState
 from mriqa_node.db.sql import insert_ignore, now_utc
+from mriqa_node.domain import retry
 from mriqa_node.services.claims import lock_oldest
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _one_claimer(session: Session, destination: str) -> None:
 
 
 def backoff(dest: DestinationConfig, attempts: int) -> float:
-    return min(dest.backoff_seconds * 2 ** max(attempts - 1, 0), dest.backoff_max_seconds)
+    return retry.backoff(attempts, dest.backoff_seconds, dest.backoff_max_seconds)
 
 
 class ForwardQueue:

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mriqa_node.config import WebhookConfig
 from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
 from mriqa_node.db.sql import dialect, insert_ignore, now_utc
+from mriqa_node.domain import retry
 from mriqa_node.services.claims import lock_oldest
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
 
 def backoff(hook: WebhookConfig, attempts: int) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt."""
-    return min(hook.backoff_seconds * 2.0 ** min(attempts - 1, 60), hook.backoff_max_seconds)
+    return retry.backoff(attempts, hook.backoff_seconds, hook.backoff_max_seconds)
 
 
 def cursor_name(webhook: str) -> str:
