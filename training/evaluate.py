@@ -34,6 +34,7 @@ from mriqa_node.domain.agreement import (  # the node's metrics; re-exported her
     kappa_from_confusion,
 )
 from training.calibration import calibrate
+from training.manifest import task_label
 
 CLASS_NAMES: dict[str, list[str]] = {
     "binary": ["non_diagnostic", "diagnostic"],
@@ -70,11 +71,8 @@ def to_task_labels(labels3: Any, task: str) -> np.ndarray:
     Unknown (negative) labels stay -1.
     """
     y = np.asarray(labels3).astype(np.int64).reshape(-1)
-    if task == "3class":
-        return y.copy()
-    if task != "binary":
-        raise ValueError(f"unknown task {task!r}")
-    return np.where(y < 0, -1, np.where(y == 0, 0, 1)).astype(np.int64)
+    out = np.asarray(task_label(y.copy(), task), np.int64)
+    return np.where(out < 0, -1, out)
 
 
 # --------------------------------------------------------------------------- metric helpers

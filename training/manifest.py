@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from mriqa_node.domain.agreement import binarise
+
 BASE_COLUMNS = ("path", "patient_id", "study_uid", "series_uid", "sop_instance_uid", "instance")
 TAIL_COLUMNS = ("severity", "true_class")
 SPLITS = ("train", "val", "test")
@@ -153,8 +155,8 @@ def task_label(label3: Any, task: str) -> Any:
     if label3 is None or task == "3class":
         return label3
     if isinstance(label3, np.ndarray):
-        return np.where(label3 > 0, 1, label3)
-    return 0 if label3 == 0 else 1
+        return np.where(label3 > 0, 1, label3)  # binarise, element-wise (unknown stays < 0)
+    return binarise(label3)
 
 
 def labels_for(records: Sequence[Record], source: str, task: str) -> list[int | None]:
