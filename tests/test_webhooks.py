@@ -20,7 +20,6 @@ from mriqa_node.db import migrate
 from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
 from mriqa_node.db.sql import now_utc
-from mriqa_node.services import webhooks
 from mriqa_node.services.webhooks import WebhookOutbox, backoff, cursor_name, sign, verify
 from tests.conftest import free_port
 
@@ -395,7 +394,7 @@ def test_fan_out_waits_for_an_uncommitted_lower_event_id(db, monkeypatch) -> Non
     slow.close()
     after = add_event(db)
     assert box.fan_out() == 0
-    monkeypatch.setattr(webhooks, "GAP_GRACE_SECONDS", 0.0)
+    monkeypatch.setattr(box._gaps, "grace", 0.0)  # the grace period is over
     assert box.fan_out() == 1
     with db[0]() as s:
         assert s.scalar(select(func.max(WebhookDelivery.event_id))) == after

@@ -16,12 +16,28 @@ from collections.abc import Iterable
 GAP_GRACE_SECONDS = 10.0
 
 
+class GapClock:
+    """When each missing id was first missed: a gap younger than ``grace`` may still be a
+    transaction about to commit; an older one was a rollback. Shared by every feed reader."""
+
+    def __init__(self, grace: float = GAP_GRACE_SECONDS) -> None:
+        self.grace = grace
+        self._since: dict[int, float] = {}
+
+    def may_fill(self, missing: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return now - self._since.setdefault(missing, now) < self.grace
+
+    def forget(self, up_to: int) -> None:
+        """Gaps at or below ``up_to`` are settled."""
+        self._since = {k: v for k, v in self._since.items() if k > up_to}
+
+
 class FeedCursor:
     def __init__(self, start: int, grace: float = GAP_GRACE_SECONDS) -> None:
         self.low = start  # every id <= low is handled (or was a rollback)
-        self.grace = grace
         self._seen: set[int] = set()  # handed out, above low
-        self._gap_since: dict[int, float] = {}  # missing id -> when it was first missed
+        self._gaps = GapClock(grace)
 
     def accept(self, ids: Iterable[int]) -> list[int]:
         """The ids not handed out before (in order); moves ``low`` as far as it safely can."""
@@ -32,8 +48,8 @@ class FeedCursor:
             nxt = self.low + 1
             if nxt in self._seen:
                 self._seen.discard(nxt)
-            elif now - self._gap_since.setdefault(nxt, now) < self.grace:
+            elif self._gaps.may_fill(nxt, now):
                 break
-            self._gap_since.pop(nxt, None)
             self.low = nxt
+        self._gaps.forget(self.low)
         return new

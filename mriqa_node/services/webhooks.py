@@ -43,13 +43,13 @@ from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
 from mriqa_node.db.sql import dialect, insert_ignore, now_utc
 from mriqa_node.domain import retry
 from mriqa_node.services.claims import lock_oldest
+from mriqa_node.services.feed import GapClock
 
 log = logging.getLogger(__name__)
 
 BATCH = 500  # events read per fan-out transaction
 # An id missing below newer events may belong to a transaction not yet committed (PostgreSQL
 # hands out ids before commit): wait this long for it before reading past it (a rollback).
-GAP_GRACE_SECONDS = 10.0
 VERDICT_FIELDS = (
     "series_description",
     "calling_aet",
@@ -118,7 +118,7 @@ class WebhookOutbox:
         self.hooks = {h.name: h for h in webhooks}
         self.console_url = console_url.rstrip("/")
         self.worker_id = worker_id
-        self._gaps: dict[int, float] = {}  # id after which an id is missing -> first seen
+        self._gaps = GapClock()
 
     def fan_out(self) -> int:
         """Copy new events into the outbox; returns the number of deliveries created."""
@@ -169,12 +169,10 @@ class WebhookOutbox:
         """The events up to the first missing id that may still be committed."""
         prev = start
         for i, (event_id, _) in enumerate(events):
-            if event_id != prev + 1:
-                first = self._gaps.setdefault(prev, time.monotonic())
-                if time.monotonic() - first < GAP_GRACE_SECONDS:
-                    return events[:i]
+            if event_id != prev + 1 and self._gaps.may_fill(prev + 1):
+                return events[:i]
             prev = event_id
-        self._gaps = {k: v for k, v in self._gaps.items() if k >= prev}
+        self._gaps.forget(prev)
         return events
 
     def _claimable(self, now: datetime) -> Any:
