@@ -356,7 +356,8 @@ def fig5_roc_curves(curves: Mapping[str, Any], out: str | Path, title: str | Non
 # --------------------------------------------------------------------------- Fig. 6
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
+def manifest_rows(path: str | Path) -> list[dict[str, str]]:
+    """A manifest's rows as plain dicts (training.manifest.read_manifest gives Records)."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -374,7 +375,7 @@ def rater_vectors(manifest_or_labels: Any) -> tuple[np.ndarray, np.ndarray, tupl
     src = manifest_or_labels
     names = ("rater 1", "rater 2")
     if isinstance(src, str | Path):
-        src = read_manifest(src)
+        src = manifest_rows(src)
     if isinstance(src, Mapping):
         return (
             np.asarray(src["rater1"]).astype(np.int64),

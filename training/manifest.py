@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from mriqa_node.domain.agreement import binarise
+from mriqa_node.domain.manifest import BASE_COLUMNS, TAIL_COLUMNS, manifest_header
 
-BASE_COLUMNS = ("path", "patient_id", "study_uid", "series_uid", "sop_instance_uid", "instance")
-TAIL_COLUMNS = ("severity", "true_class")
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "3class")
 NUM_CLASSES = {"binary": 2, "3class": 3}
@@ -82,7 +81,7 @@ def write_manifest(records: Iterable[Record], path: Path | str) -> Path:
     records = list(records)
     base = path.parent.resolve()
     rater_cols = rater_columns(records) or ["rater1"]
-    header = [*BASE_COLUMNS, *rater_cols, *TAIL_COLUMNS]
+    header = manifest_header(rater_cols)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:

@@ -159,7 +159,7 @@ def load_slice(path: str | Path, size: int = 512, frame: int = 0) -> np.ndarray:
 def clean_slice_from_manifest(manifest: str | Path) -> tuple[np.ndarray, dict[str, str]]:
     """The cleanest slice of a manifest: true class 2 with the lowest severity if the truth is
     known, else one both raters call excellent, else the first row."""
-    rows = figures.read_manifest(manifest)
+    rows = figures.manifest_rows(manifest)
     if not rows:
         raise ValueError(f"{manifest} lists no images")
 

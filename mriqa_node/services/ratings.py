@@ -34,15 +34,13 @@ from mriqa_node.db.models import (
 )
 from mriqa_node.db.sql import now_utc
 from mriqa_node.domain.agreement import binarise, compare, pairwise
+from mriqa_node.domain.manifest import manifest_header
 from mriqa_node.domain.verdict import DIAGNOSTIC, EXCELLENT, NON_DIAGNOSTIC
 from mriqa_node.services.users import RATE_ROLES, Principal
 
 CLASS_NAMES = [NON_DIAGNOSTIC, DIAGNOSTIC, EXCELLENT]  # rating value = index
 BINARY_CLASS_NAMES = CLASS_NAMES[:2]
 LEVELS = ("slice", "series")
-# The training manifest's columns (training/manifest.py), rater columns go between them.
-MANIFEST_BASE = ("path", "patient_id", "study_uid", "series_uid", "sop_instance_uid", "instance")
-MANIFEST_TAIL = ("severity", "true_class")
 # Default key of the patient pseudonym; a site should pass its own secret (see export_manifest).
 _PSEUDONYM_KEY = b"mriqa-node patient pseudonym v1"
 
@@ -396,7 +394,7 @@ class RatingService:
             entry["cells"][column[r.user_id]] = str(r.value)
         _write_csv(
             Path(out),
-            [*MANIFEST_BASE, *rater_cols, *MANIFEST_TAIL],
+            manifest_header(rater_cols),
             [e["cells"] for e in sorted(files.values(), key=lambda e: e["order"])],
         )
         return len(files)
