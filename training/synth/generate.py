@@ -110,21 +110,9 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety, never a reason to fail
-        return _NoBar()
-    return tqdm(total=total, unit="subject", desc="synth")
+    from tqdm.auto import tqdm
 
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return tqdm(total=total, unit="subject", desc="synth", disable=not enabled)
 
 
 def _summary(config: SynthConfig, rows: list[dict], seconds: float, workers: int) -> dict:
