@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import tomli_w
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 HOST = "127.0.0.1"
@@ -211,26 +213,6 @@ class Server:
         self.stop()
 
 
-def toml_config(sections: dict[str, dict[str, object]]) -> str:
-    lines: list[str] = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 class NodeServer(Server):
     """`mriqa serve` as a subprocess, configured by a TOML file written here."""
 
@@ -257,7 +239,7 @@ class NodeServer(Server):
             base.setdefault(name, {}).update(values)
         self.config = base
         self.config_path = workdir / "node.toml"
-        self.config_path.write_text(toml_config(base))
+        self.config_path.write_text(tomli_w.dumps(base))
 
     def start(self, timeout: float = 120.0) -> NodeServer:
         env = {**NODE_ENV, "MRIQA_CONFIG": str(self.config_path)}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import tomli_w
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db import migrate
@@ -134,21 +135,7 @@ def write_config(path: Path, port: int, db_url: str, model: Path, **sections: di
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            if isinstance(value, str):
-                lines.append(f'{key} = "{value}"')
-            elif isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            elif isinstance(value, list):
-                lines.append(
-                    f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]"
-                )
-            else:
-                lines.append(f"{key} = {value}")
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps(base))
     return path
 
 
