@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 from mriqa_node.dicom.headers import image_facts
 from mriqa_node.domain.scope import Scope
-from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, decide, guard, not_assessed
+from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, assess
 from mriqa_node.ml.scorer import Scorer
 from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
 
@@ -99,14 +99,9 @@ def score_files(
                 }
             )
     for uid, report in reports.items():
-        kept, unlike = guard(results[uid], scorer.ood_threshold)
-        v = unlike or decide(kept, policy, classes)
         no_anatomy = [u for u in report.unscorable if u["reason"] == NO_ANATOMY]
         reason = out_of_scope.get(uid) or (no_anatomy[0]["reason"] if no_anatomy else None)
-        if not results[uid] and reason:
-            v = not_assessed(reason)
-        elif kept and (few := scope.too_few_slices(len(kept))):
-            v = not_assessed(few, len(kept))
+        v = assess(results[uid], policy, classes, scope, scorer.ood_threshold, reason)
         report.verdict = {
             "label": v.label,
             "score": v.score,

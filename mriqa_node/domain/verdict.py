@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from mriqa_node.domain.scope import Scope
+
 NON_DIAGNOSTIC = "non_diagnostic"
 DIAGNOSTIC = "diagnostic"
 EXCELLENT = "excellent"
@@ -149,3 +151,24 @@ def decide(
         for i in worst_idx
     ]
     return Verdict(label, round(score, 4), worst, len(p), n_flagged)
+
+
+def assess(
+    slices: Sequence[SliceResult],
+    policy: SeriesPolicy,
+    class_names: Sequence[str],
+    scope: Scope | None = None,
+    ood_threshold: float | None = None,
+    empty_reason: str | None = None,
+) -> Verdict:
+    """The series verdict the node records (and `mriqa score` prints): not assessed when
+    nothing was scored for a stated reason (out of scope, no anatomy), when the slices are
+    mostly unlike the training data, or when too few are left for the model's scope; else
+    ``decide`` on the slices the guard kept."""
+    if not slices and empty_reason:
+        return not_assessed(empty_reason)
+    kept, unlike = guard(slices, ood_threshold)
+    if unlike is not None:
+        return unlike
+    few = scope.too_few_slices(len(kept)) if scope is not None else None
+    return not_assessed(few, len(kept)) if few else decide(kept, policy, class_names)

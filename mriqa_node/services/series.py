@@ -27,14 +27,7 @@ from mriqa_node.db.models import (
 from mriqa_node.db.sql import now_utc
 from mriqa_node.domain.completion import CompletionRule
 from mriqa_node.domain.scope import ModelScope, Scope
-from mriqa_node.domain.verdict import (
-    SeriesPolicy,
-    SliceResult,
-    Verdict,
-    decide,
-    guard,
-    not_assessed,
-)
+from mriqa_node.domain.verdict import SeriesPolicy, SliceResult, Verdict, assess
 from mriqa_node.services.alerts import open_alert
 
 log = logging.getLogger(__name__)
@@ -140,18 +133,13 @@ class SeriesService:
         policy = SeriesPolicy.from_dict(model.meta.get("policy") if model else None)
         policy = policy.overridden(**self.policy_overrides)
         classes = model.meta["class_names"] if model else ["non_diagnostic"]
-        threshold = (model.meta.get("ood") or {}).get("threshold") if model else None
-        kept, unlike = guard(list(latest.values()), threshold)
-        verdict = unlike or decide(kept, policy, classes)
-        if not latest:  # nothing scored: out of scope (or no anatomy) says why
-            reason = self._not_assessed_reason(session, series.id)
-            if reason:
-                verdict = not_assessed(reason)
-        elif model is not None and unlike is None:
-            scope = Scope(ModelScope.from_dict(model.meta.get("scope")))
-            reason = scope.too_few_slices(len(kept))
-            if reason:
-                verdict = not_assessed(reason, len(latest))
+        meta = model.meta if model else {}
+        verdict = assess(
+            list(latest.values()), policy, classes,
+            scope=Scope(ModelScope.from_dict(meta.get("scope"))),
+            ood_threshold=(meta.get("ood") or {}).get("threshold"),
+            empty_reason=None if latest else self._not_assessed_reason(session, series.id),
+        )  # fmt: skip
 
         row = SeriesVerdict(
             series_id=series.id,
