@@ -163,18 +163,24 @@ def reject(ctx: click.Context, series_uid: str, by: str | None) -> None:
     """Reject a series for quality reasons: an IOCM rejection note (KOS 113001) is queued for
     the PACS destinations; the running node sends it."""
     from mriqa_node.db import migrate
-    from mriqa_node.node import Node
+    from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.node import pacs_publisher
     from mriqa_node.services.pacs import NotRejectable
+    from mriqa_node.spool import Spool
 
     settings = _settings(ctx)
-    node = Node(settings)  # its services only: nothing is started
+    engine = make_engine(settings.storage.database_url)
     try:
-        migrate.upgrade(node.engine)
-        kos = node.pacs_publisher().reject(series_uid, by or _login_name())
+        migrate.upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        kos = pacs_publisher(settings, sessions, sessions, spool).reject(
+            series_uid, by or _login_name()
+        )
     except NotRejectable as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
-        node.stop()
+        engine.dispose()
     if kos is None:
         click.echo(f"series {series_uid} was already rejected")
     elif settings.pacs.destinations:
@@ -604,44 +610,30 @@ def pacs_pull(
 
     The running node (`mriqa serve`) receives it like a scanner send and scores it; with
     --wait this polls the node's database until each pulled series has a verdict."""
-    from mriqa_node.dicom.qr import QRError, find, move
+    from mriqa_node.dicom.qr import PacsQR, QRError
+    from mriqa_node.domain.retrieve import NothingToPull
+    from mriqa_node.services import retrieve
 
     settings, peer = _pacs_setup(ctx)
     our_aet = settings.dicom.ae_title
+    pacs = PacsQR(peer, our_aet)
     try:
-        listed = find(peer, our_aet, "SERIES", study_uid=study_uid, modality=None)
+        plan = retrieve.plan(pacs, study_uid, series_uid)
+    except NothingToPull as exc:
+        raise click.ClickException(str(exc)) from exc
     except QRError as exc:
         raise click.ClickException(str(exc)) from exc
-    if series_uid is not None:
-        listed = [s for s in listed if s["SeriesInstanceUID"] == series_uid]
-    if not listed:
-        what = f"series {series_uid} of study {study_uid}" if series_uid else f"study {study_uid}"
-        raise click.ClickException(f"{what} not found on {peer.ae_title}: nothing to pull")
-    # The node keeps MR images only: from a mixed study, pull the MR series one by one.
-    skipped = [] if series_uid else [s for s in listed if s["Modality"] != "MR"]
-    listed = [s for s in listed if s not in skipped]
-    if not listed:
-        raise click.ClickException(f"study {study_uid} has no MR series: nothing to pull")
-    expected = sum(s["NumberOfSeriesRelatedInstances"] or 0 for s in listed)
     if not as_json:
         click.echo(
-            f"pulling {len(listed)} series ({expected} instance(s)) of study {study_uid}"
-            f" from {peer.ae_title} to {our_aet}"
+            f"pulling {len(plan.series)} series ({plan.expected_instances} instance(s)) of study"
+            f" {study_uid} from {peer.ae_title} to {our_aet}"
         )
-        for s in skipped:
+        for s in plan.skipped:
             click.echo(f"skipping {s['Modality'] or '?'} series {s['SeriesInstanceUID']}")
-    moves = [series_uid] if series_uid or not skipped else [s["SeriesInstanceUID"] for s in listed]
     try:
-        results = [move(peer, our_aet, our_aet, study_uid, uid) for uid in moves]
+        result = retrieve.pull(pacs, study_uid, plan)
     except QRError as exc:
         raise click.ClickException(str(exc)) from exc
-    result = results[0]
-    for other in results[1:]:
-        result.status = result.status or other.status  # the first non-success, if any
-        result.completed += other.completed
-        result.failed += other.failed
-        result.warning += other.warning
-        result.failed_sop_instance_uids += other.failed_sop_instance_uids
     if not as_json:
         click.echo(
             f"moved: {result.completed} completed, {result.failed} failed,"
@@ -653,7 +645,7 @@ def pacs_pull(
         )
     rows: list[dict] = []
     if wait:
-        rows = _wait_for_verdicts(settings, [s["SeriesInstanceUID"] for s in listed], timeout)
+        rows = _wait_for_verdicts(settings, plan.series_uids, timeout)
     if as_json:
         out = {"study_uid": study_uid, "move": result.as_dict(), "series": rows}
         click.echo(json.dumps(out, indent=2))
@@ -679,45 +671,13 @@ def pacs_pull(
         raise click.ClickException("; ".join(problems))
 
 
-_PULLED_KEYS = (
-    "series_uid",
-    "series_number",
-    "series_description",
-    "instances",
-    "expected_slices",
-    "state",
-    "label",
-    "score",
-    "worst_slices",
-    "decided_at",
-)
-
-
 def _wait_for_verdicts(settings: Settings, series_uids: list[str], timeout: float) -> list[dict]:
-    """Each series as the node has it once all received ones are decided (or at timeout);
-    a series the node never received comes back with state "not_received"."""
-    import time
-
     from mriqa_node.db.engine import make_engine, make_sessionmaker
-    from mriqa_node.services.queries import SeriesNotFound, series_detail
+    from mriqa_node.services.retrieve import wait_for_verdicts
 
     engine = make_engine(settings.storage.database_url, readonly=True)
-    sessions = make_sessionmaker(engine)
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            rows = []
-            for uid in series_uids:
-                try:
-                    detail = series_detail(sessions, uid)
-                except SeriesNotFound:
-                    rows.append({"series_uid": uid, "state": "not_received"})
-                    continue
-                rows.append({k: detail[k] for k in _PULLED_KEYS})
-            received = [r for r in rows if r["state"] != "not_received"]
-            if all(r["state"] == "decided" for r in received) or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.5)
+        return wait_for_verdicts(make_sessionmaker(engine), series_uids, timeout)
     except Exception as exc:
         raise click.ClickException(f"cannot read the node database: {exc}") from exc
     finally:

@@ -99,6 +99,18 @@ def forward_rules(settings: Settings) -> list[ForwardRule]:
     ]  # fmt: skip
 
 
+def pacs_publisher(settings: Settings, sessions, reads, spool: Spool, montage=None,
+                   on_queued=lambda: None):  # fmt: skip
+    """The PACS publisher with the DICOM encoders (also used alone, by `mriqa reject`)."""
+    from mriqa_node.dicom.objects import QaEncoder
+    from mriqa_node.services.pacs import PacsPublisher
+
+    pacs = settings.pacs
+    return PacsPublisher(sessions, reads, spool, pacs.destinations,
+                         QaEncoder(settings.dicom.ae_title), pacs.reject_on_non_diagnostic,
+                         montage, on_queued=on_queued)  # fmt: skip
+
+
 class Node:
     """One process of the node: any of receiver, worker and monitor, on one database."""
 
@@ -209,15 +221,11 @@ class Node:
 
     def pacs_publisher(self):
         """Rejection notes and QA results for the PACS destinations, from the event feed."""
-        from mriqa_node.services.pacs import PacsPublisher
-
-        pacs = self.settings.pacs
         montage = None
-        if any(d.send_montage for d in pacs.destinations):
+        if any(d.send_montage for d in self.settings.pacs.destinations):
             montage = self.slice_images.montage
-        return PacsPublisher(self.sessions, self.reads, self.spool, pacs.destinations,
-                             self.settings.dicom.ae_title, pacs.reject_on_non_diagnostic,
-                             montage, on_queued=self.forward_available.set)  # fmt: skip
+        return pacs_publisher(self.settings, self.sessions, self.reads, self.spool, montage,
+                              on_queued=self.forward_available.set)  # fmt: skip
 
     @functools.cached_property
     def slice_images(self):

@@ -27,13 +27,15 @@ from mriqa_node.dicom.objects import (
     build_qa_sr,
     build_rejection_kos,
 )
+from mriqa_node.domain.qa import ModelIdentity, ObjectUids, QaResult, ReportedSlice
 from mriqa_node.phantom import synth_series, write_series
 from tests.conftest import free_port
 from tests.orthanc import Orthanc
 
 N = 6
 WHEN = datetime(2024, 5, 2, 14, 30, 5)
-MODEL = {"name": "paper-convnet", "version": "2.1.0", "sha256": "ab12" * 16, "task": "motion"}
+MODEL = ModelIdentity("paper-convnet", "2.1.0", "ab12" * 16, "motion")
+UIDS = ObjectUids.derived("1.2.3.4", "test")
 DCMTK_NOTES = (
     "Check for template constraints not yet supported",
     "The VR checker does not support this Specific Character Set",
@@ -84,37 +86,26 @@ def _code(seq: DicomSequence) -> tuple[str, str, str]:
     return item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning
 
 
-def _slices(headers: list[Dataset]) -> list[dict]:
-    return [
-        {
-            "sop_instance_uid": ds.SOPInstanceUID,
-            "sop_class_uid": ds.SOPClassUID,
-            "frame": 0,
-            "p_nondiagnostic": round(0.1 + 0.15 * i, 4),
-            "index": i,
-        }
+def _slices(headers: list[Dataset]) -> tuple[ReportedSlice, ...]:
+    return tuple(
+        ReportedSlice(ds.SOPInstanceUID, 0, i, round(0.1 + 0.15 * i, 4))
         for i, ds in enumerate(headers)
-    ]
+    )
 
 
-def _verdict(headers: list[Dataset], label: str = "non_diagnostic") -> dict:
-    return {
-        "label": label,
-        "score": 0.8125,
-        "n_slices": N,
-        "n_unscorable": 0,
-        "n_flagged": 2,
-        "worst_slices": [
-            {
-                "slice_index": i,
-                "p_nondiagnostic": round(0.1 + 0.15 * i, 4),
-                "sop_instance_uid": headers[i].SOPInstanceUID,
-                "frame": 0,
-            }
-            for i in (5, 4, 3)
-        ],
-        "decided_at": "2024-05-02T14:29:58.250000+02:00",
-    }
+def _result(headers: list[Dataset], label: str = "non_diagnostic") -> QaResult:
+    slices = _slices(headers)
+    return QaResult(
+        label=label,
+        score=0.8125,
+        n_slices=N,
+        n_unscorable=0,
+        model=MODEL,
+        slices=slices,
+        worst=tuple(slices[i] for i in (5, 4, 3)),
+        n_flagged=2,
+        decided_at=datetime.fromisoformat("2024-05-02T14:29:58.250000+02:00"),
+    )
 
 
 def _png(rows: int = 37, columns: int = 51, mode: str = "RGB") -> bytes:
@@ -131,14 +122,16 @@ def _png(rows: int = 37, columns: int = 51, mode: str = "RGB") -> bytes:
 
 
 def test_kos_structure(headers: list[Dataset], tmp_path: Path) -> None:
-    kos = pydicom.dcmread(_save(build_rejection_kos(headers, when=WHEN), tmp_path / "kos.dcm"))
+    kos = pydicom.dcmread(
+        _save(build_rejection_kos(headers, UIDS, when=WHEN), tmp_path / "kos.dcm")
+    )
     src = headers[0]
     assert kos.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert kos.file_meta.ImplementationClassUID == pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     assert kos.SOPClassUID == KEY_OBJECT_SELECTION_STORAGE == kos.file_meta.MediaStorageSOPClassUID
     assert kos.Modality == "KO" and kos.SeriesNumber == 9901 and kos.InstanceNumber == 1
     assert kos.StudyInstanceUID == src.StudyInstanceUID
-    assert kos.SeriesInstanceUID != src.SeriesInstanceUID
+    assert (kos.SeriesInstanceUID, kos.SOPInstanceUID) == (UIDS.series, UIDS.instance)
     assert kos.SOPInstanceUID not in {ds.SOPInstanceUID for ds in headers}
     for keyword in (
         "PatientName",
@@ -188,7 +181,7 @@ def test_kos_structure(headers: list[Dataset], tmp_path: Path) -> None:
 @needs_dcmtk
 def test_kos_dcmtk(headers: list[Dataset], tmp_path: Path) -> None:
     # A duplicate header (an instance received twice) is referenced once.
-    path = _save(build_rejection_kos([*headers, headers[0]]), tmp_path / "kos.dcm")
+    path = _save(build_rejection_kos([*headers, headers[0]], UIDS), tmp_path / "kos.dcm")
     out = _dsrdump(path)
     assert 'CONTAINER:(113001,DCM,"Rejected for Quality Reasons")' in out
     assert "TID 2010 (DCMR)" in out
@@ -200,15 +193,15 @@ def test_kos_dcmtk(headers: list[Dataset], tmp_path: Path) -> None:
 
 def test_kos_rejects_bad_input(headers: list[Dataset]) -> None:
     with pytest.raises(ValueError):
-        build_rejection_kos([])
+        build_rejection_kos([], UIDS)
     other = copy.deepcopy(headers[1])
     other.SeriesInstanceUID = pydicom.uid.generate_uid()
     with pytest.raises(ValueError, match="series"):
-        build_rejection_kos([headers[0], other])
+        build_rejection_kos([headers[0], other], UIDS)
     missing = copy.deepcopy(headers[0])
     del missing.SOPInstanceUID
     with pytest.raises(ValueError, match="SOPInstanceUID"):
-        build_rejection_kos([missing])
+        build_rejection_kos([missing], UIDS)
 
 
 @needs_dcmtk
@@ -224,7 +217,7 @@ def test_kos_requests_composite_and_charset(headers: list[Dataset], tmp_path: Pa
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.PatientName = "Łukasz^Żółć"
     items[1].SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.2"  # MR Spectroscopy Storage
-    path = _save(build_rejection_kos(items), tmp_path / "kos.dcm")
+    path = _save(build_rejection_kos(items, UIDS), tmp_path / "kos.dcm")
     kos = pydicom.dcmread(path)
     (request,) = kos.ReferencedRequestSequence
     assert request.RequestedProcedureID == "RP42"
@@ -240,7 +233,7 @@ def test_kos_requests_composite_and_charset(headers: list[Dataset], tmp_path: Pa
 
 
 def test_sr_structure(headers: list[Dataset], tmp_path: Path) -> None:
-    ds = build_qa_sr(headers, _verdict(headers), _slices(headers), MODEL, when=WHEN)
+    ds = build_qa_sr(headers, _result(headers), UIDS, when=WHEN)
     sr = pydicom.dcmread(_save(ds, tmp_path / "sr.dcm"))
     src = headers[0]
     assert sr.SOPClassUID == COMPREHENSIVE_SR_STORAGE and sr.Modality == "SR"
@@ -294,9 +287,7 @@ def test_sr_structure(headers: list[Dataset], tmp_path: Path) -> None:
 
 @needs_dcmtk
 def test_sr_dcmtk(headers: list[Dataset], tmp_path: Path) -> None:
-    path = _save(
-        build_qa_sr(headers, _verdict(headers), _slices(headers), MODEL), tmp_path / "sr.dcm"
-    )
+    path = _save(build_qa_sr(headers, _result(headers), UIDS), tmp_path / "sr.dcm")
     out = _dsrdump(path)
     assert "Comprehensive SR Document" in out
     assert '(QA-VERDICT,99MRIQA,"Series quality verdict")=(QA-NONDIAG,99MRIQA,' in out
@@ -305,7 +296,7 @@ def test_sr_dcmtk(headers: list[Dataset], tmp_path: Path) -> None:
     assert '"Worst slices")="slice 6 (P=0.850), slice 5 (P=0.700), slice 4 (P=0.550)"' in out
     assert '"Verdict decided at")="20240502122958.250000"' in out  # in UTC
     assert '(111001,DCM,"Algorithm Name")="paper-convnet"' in out
-    assert MODEL["sha256"] in out
+    assert MODEL.sha256 in out
     for number, ds in enumerate(headers, start=1):
         assert f'"Slice number")="{number}"' in out
         assert out.count(f'(MR image,"{ds.SOPInstanceUID}")') == 1
@@ -324,25 +315,11 @@ def test_sr_unscorable_and_multiframe(headers: list[Dataset], tmp_path: Path) ->
     multi-frame object are referenced 1-based; slices must come from the given instances."""
     enhanced = copy.deepcopy(headers[0])
     enhanced.NumberOfFrames = 3
-    slices = [
-        {
-            "sop_instance_uid": enhanced.SOPInstanceUID,
-            "sop_class_uid": enhanced.SOPClassUID,
-            "frame": f,
-            "p_nondiagnostic": None if f == 1 else 0.2,
-            "index": f,
-        }
-        for f in range(3)
-    ]
-    verdict = {
-        "label": "unscorable",
-        "score": None,
-        "n_slices": 3,
-        "n_unscorable": 1,
-        "worst_slices": [],
-        "decided_at": None,
-    }
-    path = _save(build_qa_sr([enhanced], verdict, slices, MODEL), tmp_path / "sr.dcm")
+    slices = tuple(
+        ReportedSlice(enhanced.SOPInstanceUID, f, f, None if f == 1 else 0.2) for f in range(3)
+    )
+    result = QaResult("unscorable", None, 3, 1, MODEL, slices)
+    path = _save(build_qa_sr([enhanced], result, UIDS), tmp_path / "sr.dcm")
     sr = pydicom.dcmread(path)
     refs = [i.ReferencedSOPSequence[0] for i in _walk(sr.ContentSequence) if i.ValueType == "IMAGE"]
     assert [int(r.ReferencedFrameNumber) for r in refs] == [1, 2, 3]
@@ -352,7 +329,7 @@ def test_sr_unscorable_and_multiframe(headers: list[Dataset], tmp_path: Path) ->
     assert '"Worst slices")="none"' in out
 
     with pytest.raises(ValueError, match="not given"):
-        build_qa_sr(headers[1:], _verdict(headers), _slices(headers), MODEL)
+        build_qa_sr(headers[1:], _result(headers), UIDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +339,9 @@ def test_sr_unscorable_and_multiframe(headers: list[Dataset], tmp_path: Path) ->
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_sc_pixels(headers: list[Dataset], tmp_path: Path, mode: str) -> None:
     png = _png(mode=mode)  # 37 x 51 x 3: an odd number of bytes, padded
-    path = _save(build_montage_sc(headers, png, description="QA heat map"), tmp_path / "sc.dcm")
+    path = _save(
+        build_montage_sc(headers, png, UIDS, description="QA heat map"), tmp_path / "sc.dcm"
+    )
     sc = pydicom.dcmread(path)
     assert sc.SOPClassUID == SECONDARY_CAPTURE_STORAGE
     assert (sc.ConversionType, sc.BurnedInAnnotation, sc.SeriesNumber) == ("WSD", "NO", 9903)
@@ -390,9 +369,9 @@ def test_sc_pixels(headers: list[Dataset], tmp_path: Path, mode: str) -> None:
 @pytest.mark.skipif(not Path("/usr/sbin/Orthanc").exists(), reason="Orthanc missing")
 def test_orthanc_accepts_all_three(headers: list[Dataset], tmp_path: Path) -> None:
     objects = {
-        "kos": build_rejection_kos(headers),
-        "sr": build_qa_sr(headers, _verdict(headers), _slices(headers), MODEL),
-        "sc": build_montage_sc(headers, _png()),
+        "kos": build_rejection_kos(headers, ObjectUids.derived("1.2.3.4", "kos")),
+        "sr": build_qa_sr(headers, _result(headers), ObjectUids.derived("1.2.3.4", "sr")),
+        "sc": build_montage_sc(headers, _png(), ObjectUids.derived("1.2.3.4", "sc")),
     }
     pacs = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
     try:

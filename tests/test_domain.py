@@ -256,3 +256,58 @@ def test_backoff_doubles_is_capped_and_never_overflows() -> None:
     dest = DestinationConfig(name="p", ae_title="P", host="h", port=104, backoff_seconds=2,
                              backoff_max_seconds=300)  # fmt: skip
     assert forwarding.backoff(dest, 2000) == 300.0
+
+
+def test_qa_object_uids_are_derived_valid_and_distinct() -> None:
+    from pydicom.uid import UID
+
+    from mriqa_node.domain.qa import ObjectUids
+
+    kos = ObjectUids.derived("1.2.840.1", "kos")
+    assert kos == ObjectUids.derived("1.2.840.1", "kos")  # made again: the same object
+    others = {ObjectUids.derived("1.2.840.1", "sr-1"), ObjectUids.derived("1.2.840.2", "kos")}
+    assert kos not in others and kos.series != kos.instance
+    for uid in (kos.series, kos.instance):
+        assert uid.startswith("2.25.") and UID(uid).is_valid
+
+
+def test_services_and_domain_never_import_the_dicom_layer() -> None:
+    """The layering rule (DESIGN.md): services and the domain are adapters' clients, not the
+    other way round; the DICOM encoders are given to them."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "mriqa_node"
+    offenders = []
+    for layer in ("services", "domain"):
+        for path in (root / layer).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [f"{layer}/{path.name}: {n}" for n in names
+                              if n.startswith(("mriqa_node.dicom", "pynetdicom"))]  # fmt: skip
+    assert offenders == []
+
+
+def test_pull_plan_keeps_mr_and_moves_a_mixed_study_series_by_series() -> None:
+    from mriqa_node.domain.retrieve import MoveResult, NothingToPull, plan_pull
+
+    def row(uid: str, modality: str, n: int) -> dict:
+        return {"SeriesInstanceUID": uid, "Modality": modality,
+                "NumberOfSeriesRelatedInstances": n}  # fmt: skip
+
+    mr_only = plan_pull([row("1", "MR", 3), row("2", "MR", 4)], "S")
+    assert mr_only.moves == [None] and mr_only.expected_instances == 7  # the study in one move
+    mixed = plan_pull([row("1", "MR", 3), row("2", "SR", 1), row("3", "MR", None)], "S")
+    assert mixed.moves == ["1", "3"] and [s["Modality"] for s in mixed.skipped] == ["SR"]
+    assert plan_pull([row("2", "SR", 1), row("3", "MR", 2)], "S", "2").moves == ["2"]
+    with pytest.raises(NothingToPull, match="not found on PACS1"):
+        plan_pull([row("1", "MR", 3)], "S", "9", where="PACS1")
+    with pytest.raises(NothingToPull, match="no MR series"):
+        plan_pull([row("2", "SR", 1)], "S")
+
+    merged = MoveResult.merged([MoveResult(0, 3), MoveResult(0xB000, 1, 2, 0, ["x", "y"])])
+    assert (merged.status, merged.completed, merged.failed) == (0xB000, 4, 2)
+    assert merged.failed_sop_instance_uids == ["x", "y"] and not merged.ok
+    assert MoveResult.merged([MoveResult(0, 2), MoveResult(0, 5)]).ok

@@ -8,6 +8,7 @@ from sqlalchemy import select, update
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import AckAction, Cursor, Event, ForwardJob, Role, Series
+from mriqa_node.dicom.objects import QaEncoder
 from mriqa_node.services.alerts import AlertService
 from mriqa_node.services.pacs import NotRejectable, PacsPublisher
 from mriqa_node.services.users import Principal
@@ -17,7 +18,7 @@ from tests.test_console_api import decided_series
 
 def publisher(env: Env, auto: bool = False, **dest) -> PacsPublisher:
     d = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, **dest)
-    return PacsPublisher(env.sessions, env.sessions, env.spool, [d], "MRIQA", auto)
+    return PacsPublisher(env.sessions, env.sessions, env.spool, [d], QaEncoder("MRIQA"), auto)
 
 
 def queued(env: Env, kind: str | None = None) -> list[ForwardJob]:

@@ -1,8 +1,10 @@
 """The DICOM objects the node sends to the PACS about a series it assessed: pure builders.
 
 No database, no network: each function takes the series' instance headers (datasets read with
-``stop_before_pixels=True``) plus plain data, and returns a ``FileDataset`` ready to save
-(``save_as(path, enforce_file_format=True)``) or to C-STORE. Every object is a new instance in a
+``stop_before_pixels=True``), the domain's plain data (mriqa_node.domain.qa) and the new
+object's UIDs, and returns a ``FileDataset`` ready to save (``save_as(path,
+enforce_file_format=True)``) or to C-STORE. :class:`QaEncoder` is the service layer's view of
+them: spool files in, finished bytes out. Every object is a new instance in a
 new series of the *same study*, with the Patient and General Study attributes copied from the
 assessed images, so the PACS files it with the right patient and study.
 
@@ -35,17 +37,22 @@ Design choices (SR):
   INFERRED FROM is the one that says the value was derived from the image, as in TID 300.
   The slice items are grouped under a CONTAINER (99MRIQA, QA-SLICES).
 
-Input conventions: ``frame`` is 0-based (as stored by the node), ``slice_index`` / ``index``
-are 0-based positions in anatomical order; the objects show them 1-based.
+Input conventions: ``frame`` and ``index`` (the position in anatomical order) are 0-based, as
+the node stores them; the objects show them 1-based.
+
+highdicom (0.28) was tried for these objects and not adopted: its Key Object Selection
+references every instance as IMAGE, so a rejection note for a series holding a non-image
+object (MR Spectroscopy) fails DCMTK's dsrdump, and its content date is local time without
+an offset. The hand-written builders below pass dsrdump, dsr2xml and Orthanc (tests).
 """
 
 from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -54,12 +61,15 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from mriqa_node.domain.qa import EncodedObject, ObjectUids, QaResult, ReportedSlice
+
 __all__ = [
     "COMPREHENSIVE_SR_STORAGE",
     "KEY_OBJECT_SELECTION_STORAGE",
     "PRIVATE_SCHEME",
     "SECONDARY_CAPTURE_STORAGE",
     "VERDICT_CODES",
+    "QaEncoder",
     "build_montage_sc",
     "build_qa_sr",
     "build_rejection_kos",
@@ -182,6 +192,7 @@ def _unique_instances(instances: Sequence[Dataset]) -> list[Dataset]:
 
 def _new_object(
     instances: Sequence[Dataset],
+    uids: ObjectUids,
     *,
     sop_class_uid: UID,
     modality: str,
@@ -196,7 +207,7 @@ def _new_object(
     # All dates and times in UTC, declared once by Timezone Offset From UTC (DCMTK 3.6.7
     # rejects a DT that carries its own "+0000" offset).
     when = (when or datetime.now(UTC)).astimezone(UTC)
-    sop_uid = generate_uid()
+    sop_uid = UID(uids.instance)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
@@ -226,7 +237,7 @@ def _new_object(
 
     # Series (General / SR Document / Key Object Document Series): always a new one.
     ds.Modality = modality
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = uids.series
     ds.SeriesNumber = series_number
     ds.SeriesDate = when.strftime("%Y%m%d")
     ds.SeriesTime = when.strftime("%H%M%S")
@@ -379,16 +390,8 @@ def _reference_item(
     return item
 
 
-def _dicom_datetime(value: Any) -> str | None:
-    """ISO 8601 string or datetime -> DICOM DT in UTC (the object's Timezone Offset From UTC);
-    None where absent or unparseable. A naive value is taken as UTC."""
-    if isinstance(value, datetime):
-        moment = value
-    else:
-        try:
-            moment = datetime.fromisoformat(str(value))
-        except (TypeError, ValueError):
-            return None
+def _dicom_datetime(moment: datetime) -> str:
+    """A DICOM DT in UTC (the object's Timezone Offset From UTC); a naive value is UTC."""
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
     text = moment.strftime("%Y%m%d%H%M%S")
@@ -403,6 +406,7 @@ def _dicom_datetime(value: Any) -> str | None:
 
 def build_rejection_kos(
     instances: Sequence[Dataset],
+    uids: ObjectUids,
     *,
     series_number: int = 9901,
     station_ae: str = "MRIQA",
@@ -419,6 +423,7 @@ def build_rejection_kos(
     unique = _unique_instances(instances)
     ds = _new_object(
         unique,
+        uids,
         sop_class_uid=KEY_OBJECT_SELECTION_STORAGE,
         modality="KO",
         series_number=series_number,
@@ -452,17 +457,16 @@ def build_rejection_kos(
 # Comprehensive SR: the QA result
 
 
-def _slice_text(entry: Mapping[str, Any]) -> str:
-    number = int(entry["slice_index"]) + 1
-    p = entry.get("p_nondiagnostic")
-    return f"slice {number} (P={float(p):.3f})" if p is not None else f"slice {number}"
+def _slice_text(entry: ReportedSlice) -> str:
+    p = entry.p_nondiagnostic
+    number = entry.index + 1
+    return f"slice {number} (P={p:.3f})" if p is not None else f"slice {number}"
 
 
 def build_qa_sr(
     instances: Sequence[Dataset],
-    verdict: Mapping[str, Any],
-    slices: Sequence[Mapping[str, Any]],
-    model: Mapping[str, Any],
+    result: QaResult,
+    uids: ObjectUids,
     *,
     series_number: int = 9902,
     station_ae: str = "MRIQA",
@@ -470,21 +474,18 @@ def build_qa_sr(
 ) -> FileDataset:
     """Comprehensive SR with the motion QA of one series (see the module docstring for the tree).
 
-    ``verdict``: label, score, n_slices, n_unscorable, worst_slices (dicts with slice_index
-    0-based, p_nondiagnostic, sop_instance_uid, frame), decided_at (ISO 8601) and optionally
-    n_flagged. ``slices``: dicts with sop_instance_uid, sop_class_uid, frame (0-based),
-    p_nondiagnostic (None for an unscorable slice), index (0-based anatomical order).
-    ``model``: name, version, sha256, task. Every slice must refer to one of ``instances``
-    (ValueError otherwise); all of ``instances`` are listed as evidence.
+    Every slice of ``result`` must refer to one of ``instances`` (ValueError otherwise); all of
+    ``instances`` are listed as evidence.
     """
     unique = _unique_instances(instances)
     by_sop = {_uid(ds, "SOPInstanceUID"): ds for ds in unique}
-    unknown = [s.get("sop_instance_uid") for s in slices if s.get("sop_instance_uid") not in by_sop]
+    unknown = [s.sop_instance_uid for s in result.slices if s.sop_instance_uid not in by_sop]
     if unknown:
         raise ValueError(f"{len(unknown)} slice(s) refer to instances not given: {unknown[:3]}")
 
     ds = _new_object(
         unique,
+        uids,
         sop_class_uid=COMPREHENSIVE_SR_STORAGE,
         modality="SR",
         series_number=series_number,
@@ -523,44 +524,41 @@ def build_qa_sr(
         _text("HAS OBS CONTEXT", DEVICE_OBSERVER_NAME, station_ae),
     ]
 
-    label = str(verdict.get("label") or "")
-    if label in VERDICT_CODES:
-        content.append(_code_item("CONTAINS", QA_VERDICT, VERDICT_CODES[label]))
+    if result.label in VERDICT_CODES:
+        content.append(_code_item("CONTAINS", QA_VERDICT, VERDICT_CODES[result.label]))
     else:
-        content.append(_text("CONTAINS", QA_VERDICT, label or "unknown"))
-    content.append(_num("CONTAINS", QA_SCORE, verdict.get("score")))
-    content.append(_num("CONTAINS", QA_N_SLICES, verdict.get("n_slices", len(slices))))
-    content.append(_num("CONTAINS", QA_N_UNSCORABLE, verdict.get("n_unscorable", 0)))
-    if verdict.get("n_flagged") is not None:
-        content.append(_num("CONTAINS", QA_N_FLAGGED, verdict["n_flagged"]))
-    worst = verdict.get("worst_slices") or []
-    content.append(_text("CONTAINS", QA_WORST, ", ".join(_slice_text(w) for w in worst) or "none"))
-    decided = _dicom_datetime(verdict.get("decided_at"))
-    if decided:
+        content.append(_text("CONTAINS", QA_VERDICT, result.label or "unknown"))
+    content.append(_num("CONTAINS", QA_SCORE, result.score))
+    content.append(_num("CONTAINS", QA_N_SLICES, result.n_slices))
+    content.append(_num("CONTAINS", QA_N_UNSCORABLE, result.n_unscorable))
+    if result.n_flagged is not None:
+        content.append(_num("CONTAINS", QA_N_FLAGGED, result.n_flagged))
+    worst = ", ".join(_slice_text(w) for w in result.worst) or "none"
+    content.append(_text("CONTAINS", QA_WORST, worst))
+    if result.decided_at is not None:
         item = _content_item("CONTAINS", "DATETIME", QA_DECIDED_AT)
-        item.DateTime = decided
+        item.DateTime = _dicom_datetime(result.decided_at)
         content.append(item)
 
-    content.append(_text("CONTAINS", ALGORITHM_NAME, str(model.get("name") or "unknown")))
-    content.append(_text("CONTAINS", ALGORITHM_VERSION, str(model.get("version") or "unknown")))
-    if model.get("sha256"):
-        content.append(_text("CONTAINS", QA_MODEL_SHA256, str(model["sha256"])))
-    if model.get("task"):
-        content.append(_text("CONTAINS", QA_MODEL_TASK, str(model["task"])))
+    model = result.model
+    content.append(_text("CONTAINS", ALGORITHM_NAME, model.name or "unknown"))
+    content.append(_text("CONTAINS", ALGORITHM_VERSION, model.version or "unknown"))
+    if model.sha256:
+        content.append(_text("CONTAINS", QA_MODEL_SHA256, model.sha256))
+    if model.task:
+        content.append(_text("CONTAINS", QA_MODEL_TASK, model.task))
 
     per_slice = _content_item("CONTAINS", "CONTAINER", QA_SLICES)
     per_slice.ContinuityOfContent = "SEPARATE"
     per_slice.ContentSequence = DicomSequence()
-    for position, entry in enumerate(sorted(slices, key=lambda s: int(s.get("index", 0)))):
-        index = int(entry.get("index", position))
-        instance = by_sop[entry["sop_instance_uid"]]
-        frame = int(entry.get("frame") or 0)
+    for entry in sorted(result.slices, key=lambda s: s.index):
+        instance = by_sop[entry.sop_instance_uid]
         n_frames = int(instance.get("NumberOfFrames") or 1)
-        frames = [frame + 1] if n_frames > 1 or frame > 0 else []
-        num = _num("CONTAINS", QA_P_NONDIAG, entry.get("p_nondiagnostic"))
+        frames = [entry.frame + 1] if n_frames > 1 or entry.frame > 0 else []
+        num = _num("CONTAINS", QA_P_NONDIAG, entry.p_nondiagnostic)
         num.ContentSequence = DicomSequence(
             [
-                _num("HAS PROPERTIES", QA_SLICE_NUMBER, index + 1),
+                _num("HAS PROPERTIES", QA_SLICE_NUMBER, entry.index + 1),
                 _reference_item("INFERRED FROM", instance, SOURCE_OF_MEASUREMENT, frames),
             ]
         )
@@ -577,6 +575,7 @@ def build_qa_sr(
 def build_montage_sc(
     instances: Sequence[Dataset],
     png_bytes: bytes,
+    uids: ObjectUids,
     *,
     series_number: int = 9903,
     description: str = "MRIQA motion QA montage",
@@ -597,6 +596,7 @@ def build_montage_sc(
 
     ds = _new_object(
         unique,
+        uids,
         sop_class_uid=SECONDARY_CAPTURE_STORAGE,
         modality="OT",
         series_number=series_number,
@@ -631,3 +631,44 @@ def build_montage_sc(
     ds.PixelData = data
     ds["PixelData"].VR = "OB"
     return ds
+
+
+# --------------------------------------------------------------------------------------------
+# The service layer's port: spool files in, finished objects out
+
+
+class QaEncoder:
+    """Builds the objects from the series' files (headers only are read) and encodes them."""
+
+    def __init__(self, station_ae: str) -> None:
+        self.station_ae = station_ae
+
+    def rejection_note(self, sources: Sequence[Path], uids: ObjectUids,
+                       when: datetime) -> EncodedObject:  # fmt: skip
+        return _encoded(build_rejection_kos(_headers(sources), uids, station_ae=self.station_ae,
+                                            when=when))  # fmt: skip
+
+    def qa_report(self, sources: Sequence[Path], result: QaResult, uids: ObjectUids,
+                  when: datetime) -> EncodedObject:  # fmt: skip
+        return _encoded(build_qa_sr(_headers(sources), result, uids, station_ae=self.station_ae,
+                                    when=when))  # fmt: skip
+
+    def montage(self, sources: Sequence[Path], png: bytes, uids: ObjectUids,
+                when: datetime) -> EncodedObject:  # fmt: skip
+        return _encoded(build_montage_sc(_headers(sources), png, uids,
+                                         station_ae=self.station_ae, when=when))  # fmt: skip
+
+
+def _headers(paths: Sequence[Path]) -> list[Dataset]:
+    """The instances' headers; ValueError for a file that is not DICOM."""
+    try:
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    except pydicom.errors.InvalidDicomError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _encoded(ds: FileDataset) -> EncodedObject:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return EncodedObject(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                         str(ds.SeriesInstanceUID), buf.getvalue())  # fmt: skip

@@ -24,7 +24,6 @@ import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from pynetdicom.sop_class import (
 
 from mriqa_node.config import RemoteAE
 from mriqa_node.dicom.scu import NO_DELAY
+from mriqa_node.domain.retrieve import SUCCESS, MoveResult
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ _INTEGER_KEYS = {
 }
 _LIST_KEYS = {"ModalitiesInStudy"}
 
-SUCCESS = 0x0000
 WARNING = 0xB000  # C-MOVE: sub-operations complete, one or more failed or had warnings
 CANCEL = 0xFE00
 PENDING = (0xFF00, 0xFF01)
@@ -91,28 +90,20 @@ class QRError(Exception):
     """A query or retrieve failed; str(exc) says what and, where it can, what to do."""
 
 
-@dataclass
-class MoveResult:
-    """The outcome of a C-MOVE: sub-operation counts from the final response, and its status."""
+class PacsQR:
+    """One PACS as the pull service sees it (services.retrieve.QueryRetrieve): series of a
+    study, and moves to our own AE title."""
 
-    status: int
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-    failed_sop_instance_uids: list[str] = field(default_factory=list)
+    def __init__(self, peer: RemoteAE, our_aet: str) -> None:
+        self.peer = peer
+        self.our_aet = our_aet
+        self.name = peer.ae_title
 
-    @property
-    def ok(self) -> bool:
-        return self.status == SUCCESS and self.failed == 0
+    def find_series(self, study_uid: str) -> list[dict[str, Any]]:
+        return find(self.peer, self.our_aet, "SERIES", study_uid=study_uid, modality=None)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "status": f"0x{self.status:04X}",
-            "completed": self.completed,
-            "failed": self.failed,
-            "warning": self.warning,
-            "failed_sop_instance_uids": self.failed_sop_instance_uids,
-        }
+    def move(self, study_uid: str, series_uid: str | None) -> MoveResult:
+        return move(self.peer, self.our_aet, self.our_aet, study_uid, series_uid)
 
 
 def dicom_date_range(date_from: date | None, date_to: date | None) -> str:

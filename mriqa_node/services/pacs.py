@@ -9,27 +9,26 @@
 Both are written to the spool's ``qa/`` folder and queued in the forwarding outbox for the
 destinations that want them, after the series' own instances (the outbox keeps id order).
 Their UIDs are derived from the series (and verdict), so handling an event twice queues the
-same object once. The feed position is kept in the database (cursor ``pacs``).
+same object once. The feed position is kept in the database (cursor ``pacs``). The objects
+are encoded by a :class:`QaObjects` (the DICOM layer's ``QaEncoder``), given by the caller.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-import pydicom
-from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import Cursor, Event, Instance, Series
 from mriqa_node.db.sql import insert_ignore, now_utc
-from mriqa_node.dicom.objects import build_montage_sc, build_qa_sr, build_rejection_kos
+from mriqa_node.domain.qa import EncodedObject, ModelIdentity, ObjectUids, QaResult, ReportedSlice
 from mriqa_node.domain.verdict import NOT_ASSESSED
 from mriqa_node.services import queries
 from mriqa_node.services.feed import FeedCursor
@@ -45,6 +44,19 @@ class NotRejectable(LookupError):
     pass
 
 
+class QaObjects(Protocol):
+    """Encodes the objects from the series' spool files (ValueError or OSError if it cannot)."""
+
+    def rejection_note(self, sources: Sequence[Path], uids: ObjectUids,
+                       when: datetime) -> EncodedObject: ...  # fmt: skip
+
+    def qa_report(self, sources: Sequence[Path], result: QaResult, uids: ObjectUids,
+                  when: datetime) -> EncodedObject: ...  # fmt: skip
+
+    def montage(self, sources: Sequence[Path], png: bytes, uids: ObjectUids,
+                when: datetime) -> EncodedObject: ...  # fmt: skip
+
+
 class PacsPublisher:
     def __init__(
         self,
@@ -52,7 +64,7 @@ class PacsPublisher:
         reads: sessionmaker[Session],
         spool: Spool,
         destinations: Sequence[DestinationConfig],
-        station_ae: str,
+        objects: QaObjects,
         reject_on_non_diagnostic: bool = False,
         montage: Callable[[str], bytes] | None = None,
         on_queued: Callable[[], None] = lambda: None,
@@ -61,7 +73,7 @@ class PacsPublisher:
         self.reads = reads
         self.spool = spool
         self.destinations = list(destinations)
-        self.station_ae = station_ae
+        self.objects = objects
         self.reject_on_non_diagnostic = reject_on_non_diagnostic
         self.montage = montage  # series UID -> PNG montage with heat maps (None: no montage)
         self.on_queued = on_queued  # wakes the forwarder
@@ -84,20 +96,19 @@ class PacsPublisher:
             ).rowcount
             if not done:
                 return None
-            headers = self._headers(session, series.id)
-            if not headers:
+            sources = self._sources(session, series.id)
+            if not sources:
                 raise NotRejectable(f"series {series_uid} has no instance to reject")
-            kos = build_rejection_kos(headers, station_ae=self.station_ae, when=now)
-            _pin_uids(kos, series_uid, "kos")
+            kos = self.objects.rejection_note(sources, ObjectUids.derived(series_uid, "kos"), now)
             self._queue(session, kos, "kos", series_uid, targets, now)
             session.add(Event(kind="series_rejected", series_uid=series_uid,
                               payload={"series_uid": series_uid, "by": by,
-                                       "kos_sop_instance_uid": str(kos.SOPInstanceUID),
+                                       "kos_sop_instance_uid": kos.sop_instance_uid,
                                        "destinations": targets}, created_at=now))  # fmt: skip
         log.warning("series %s rejected for quality reasons by %s; rejection note to %s",
                     series_uid, by, ", ".join(targets) or "no destination")  # fmt: skip
         self.on_queued()
-        return str(kos.SOPInstanceUID)
+        return kos.sop_instance_uid
 
     # -- QA results --------------------------------------------------------------------------
 
@@ -117,20 +128,18 @@ class PacsPublisher:
         queued = []
         with self.sessions.begin() as session:
             now = now_utc()
-            headers = self._headers(session, self._series_id(session, series_uid))
-            classes = {str(h.SOPInstanceUID): str(h.SOPClassUID) for h in headers}
-            scored = [s for s in detail["slice_list"] if s["p_nondiagnostic"] is not None]
-            slices = [{**s, "sop_class_uid": classes.get(s["sop_instance_uid"])} for s in scored]
+            sources = self._sources(session, self._series_id(session, series_uid))
             if sr_targets:
-                sr = build_qa_sr(headers, verdict, slices, detail["model"], when=now)
-                _pin_uids(sr, series_uid, f"sr-{verdict_id}")
+                result = qa_result(verdict, detail["slice_list"], detail["model"])
+                uids = ObjectUids.derived(series_uid, f"sr-{verdict_id}")
+                sr = self.objects.qa_report(sources, result, uids, now)
                 self._queue(session, sr, "sr", series_uid, sr_targets, now)
-                queued.append(str(sr.SOPInstanceUID))
+                queued.append(sr.sop_instance_uid)
             if png is not None:
-                sc = build_montage_sc(headers, png, when=now)
-                _pin_uids(sc, series_uid, f"montage-{verdict_id}")
+                uids = ObjectUids.derived(series_uid, f"montage-{verdict_id}")
+                sc = self.objects.montage(sources, png, uids, now)
                 self._queue(session, sc, "montage", series_uid, sc_targets, now)
-                queued.append(str(sc.SOPInstanceUID))
+                queued.append(sc.sop_instance_uid)
         self.on_queued()
         return queued
 
@@ -167,8 +176,7 @@ class PacsPublisher:
                 self.reject(series_uid, payload.get("by") or "cli")
             else:
                 return 0
-        except (NotRejectable, queries.SeriesNotFound, OSError,
-                pydicom.errors.InvalidDicomError, ValueError) as exc:  # fmt: skip
+        except (NotRejectable, queries.SeriesNotFound, OSError, ValueError) as exc:
             log.error("PACS %s for series %s not made: %s", kind, series_uid, exc)
         return 1
 
@@ -183,11 +191,11 @@ class PacsPublisher:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _headers(self, session: Session, series_id: int) -> list[pydicom.Dataset]:
+    def _sources(self, session: Session, series_id: int) -> list[Path]:
         paths = session.scalars(
             select(Instance.spool_path).where(Instance.series_id == series_id).order_by(Instance.id)
         ).all()
-        return [pydicom.dcmread(self.spool.path(p), stop_before_pixels=True) for p in paths]
+        return [self.spool.path(p) for p in paths]
 
     @staticmethod
     def _series_id(session: Session, series_uid: str) -> int:
@@ -196,7 +204,7 @@ class PacsPublisher:
     def _queue(
         self,
         session: Session,
-        ds: pydicom.FileDataset,
+        obj: EncodedObject,
         kind: str,
         about: str,
         targets: list[str],
@@ -204,13 +212,10 @@ class PacsPublisher:
     ) -> None:
         """Write the object to the spool (durably, before the commit) and queue it, filed
         under the series it is ``about`` (so the outbox shows the scanned series)."""
-        relpath = self.spool.qa_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                        ds.SOPInstanceUID)  # fmt: skip
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        self.spool.write(relpath, buf.getbuffer())
+        relpath = self.spool.qa_relpath(obj.study_uid, obj.series_uid, obj.sop_instance_uid)
+        self.spool.write(relpath, obj.data)
         for destination in targets:
-            enqueue_forward(session, destination, kind, ds.SOPClassUID, ds.SOPInstanceUID,
+            enqueue_forward(session, destination, kind, obj.sop_class_uid, obj.sop_instance_uid,
                             about, relpath, now)  # fmt: skip
 
     def _load_cursor(self) -> int:
@@ -229,9 +234,35 @@ class PacsPublisher:
                 )
 
 
-def _pin_uids(ds: pydicom.FileDataset, series_uid: str, what: str) -> None:
-    """Derive the object's series and instance UIDs from what it reports on, so making it
-    again (an event handled twice, a restart) gives the same object, queued once."""
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[series_uid, what, "series"])
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, what, "instance"])
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+def qa_result(
+    verdict: Mapping[str, Any], slices: Sequence[Mapping[str, Any]], model: Mapping[str, Any]
+) -> QaResult:
+    """The report's content from the series read model (queries.series_detail)."""
+    scored = tuple(
+        ReportedSlice(s["sop_instance_uid"], int(s["frame"]), int(s["index"]), s["p_nondiagnostic"])
+        for s in slices
+        if s["p_nondiagnostic"] is not None
+    )
+    worst = tuple(
+        ReportedSlice(
+            w["sop_instance_uid"],
+            int(w.get("frame") or 0),
+            int(w["slice_index"]),
+            w.get("p_nondiagnostic"),
+        )
+        for w in verdict.get("worst_slices") or []
+    )
+    decided = verdict.get("decided_at")
+    return QaResult(
+        label=verdict["label"],
+        score=verdict.get("score"),
+        n_slices=int(verdict.get("n_slices") or len(slices)),
+        n_unscorable=int(verdict.get("n_unscorable") or 0),
+        model=ModelIdentity(
+            str(model["name"]), str(model["version"]), model.get("sha256"), model.get("task")
+        ),
+        slices=scored,
+        worst=worst,
+        n_flagged=sum(bool(s.get("flagged")) for s in slices),
+        decided_at=datetime.fromisoformat(decided) if decided else None,
+    )
