@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import sys
 import types
@@ -25,6 +26,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score  # noqa: E402
 
 from training import evaluate, figures, report  # noqa: E402
 from training.evaluate import metrics, to_task_labels  # noqa: E402
+from training.files import to_jsonable  # noqa: E402
 from training.synth import MANIFEST_COLUMNS  # noqa: E402
 
 SIZE = 32
@@ -302,7 +304,7 @@ def test_unknown_labels_and_single_class() -> None:
     assert m1["auc"] is None and m1["accuracy"] == pytest.approx(2 / 3)
     empty = metrics(np.eye(2)[[1, 0]], np.array([-1, -1]), 2)
     assert empty["n"] == 0 and empty["accuracy"] is None
-    json.dumps(evaluate.to_jsonable(empty), allow_nan=False)
+    json.dumps(to_jsonable(empty), allow_nan=False)
 
 
 def test_kappa_and_label_mapping() -> None:
@@ -594,3 +596,15 @@ def test_summary_leaves_out_a_broken_run(tmp_path: Path, capsys: pytest.CaptureF
     assert "crashed left out" in text and "convnet_binary" in text
     with pytest.raises(ValueError, match="no run could be evaluated"):
         report.write_summary([broken], tmp_path / "s2")
+
+
+def test_run_files_are_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    from training.files import replaced_atomically, write_json
+
+    path = write_json(tmp_path / "run" / "metrics.json", {"auc": np.float32(0.5), "x": math.nan})
+    assert json.loads(path.read_text()) == {"auc": 0.5, "x": None}
+    with pytest.raises(RuntimeError), replaced_atomically(path) as tmp:
+        tmp.write_text("{half")
+        raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text())["auc"] == 0.5  # the old file, whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]

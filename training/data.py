@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION
+from training.files import write_json
 from training.manifest import Record
 
 log = logging.getLogger(__name__)
@@ -243,10 +244,7 @@ class ImageCache:
         return index
 
     def _write_index(self) -> None:
-        path = self.directory / INDEX_FILE
-        tmp = path.with_name(INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(self._index, separators=(",", ":")))
-        os.replace(tmp, path)
+        write_json(self.directory / INDEX_FILE, self._index, compact=True)
 
     @contextlib.contextmanager
     def _lock(self):

@@ -34,6 +34,7 @@ from mriqa_node.domain.agreement import (  # the node's metrics; re-exported her
     kappa_from_confusion,
 )
 from training.calibration import calibrate
+from training.files import write_json
 from training.manifest import task_label
 
 CLASS_NAMES: dict[str, list[str]] = {
@@ -536,34 +537,3 @@ def main_split(result: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     splits = result["splits"]
     name = "test" if "test" in splits else next(iter(splits))
     return name, splits[name]
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def to_jsonable(obj: Any) -> Any:
-    """numpy types -> Python, NaN/inf -> None, Paths -> str (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-    tmp.replace(path)
-    return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
-import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from mriqa_node.domain.agreement import binarise
 from mriqa_node.domain.manifest import BASE_COLUMNS, TAIL_COLUMNS, manifest_header
+from training.files import replaced_atomically
 
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "3class")
@@ -82,9 +82,7 @@ def write_manifest(records: Iterable[Record], path: Path | str) -> Path:
     base = path.parent.resolve()
     rater_cols = rater_columns(records) or ["rater1"]
     header = manifest_header(rater_cols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for r in records:
@@ -101,7 +99,6 @@ def write_manifest(records: Iterable[Record], path: Path | str) -> Path:
                     _cell(r.true_class),
                 ]
             )
-    os.replace(tmp, path)
     return path
 
 

@@ -30,9 +30,9 @@ from training.evaluate import (
     rater_names_of,
     to_task_labels,
     truth_of,
-    write_json,
 )
 from training.export import PolicyPlan, plan_policy, split_series
+from training.files import write_json
 from training.realeval import real_anatomy_md, real_eval_of_manifest, real_eval_unseen
 
 MODEL_LABEL = {"convnet": "ConvNet", "resnet10": "ResNet-10"}

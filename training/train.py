@@ -37,6 +37,7 @@ import numpy as np
 from mriqa_node.ml.artifact import TASK_CLASSES
 from mriqa_node.preprocess import PREPROCESSING_VERSION
 from training.data import ImageCache, Samples, default_cache_dir, make_dataset
+from training.files import replaced_atomically, write_json
 from training.manifest import (
     NUM_CLASSES,
     SPLITS,
@@ -282,7 +283,7 @@ def _prepare_data(
         splits = _split(kept_records, labels, config)
         if chief:
             report = split_report(splits, labels)
-            _write_json(
+            write_json(
                 splits_path,
                 {
                     "manifest_sha256": manifest_hash,
@@ -351,7 +352,7 @@ def train(config: TrainConfig, strategy: Any = None) -> Path:
     manifest_hash = manifest_sha256(config.manifest)
     _check_resume(out, config, manifest_hash)
     if chief:
-        _write_json(
+        write_json(
             out / CONFIG_FILE,
             {
                 **config.to_json(),
@@ -633,9 +634,8 @@ def _predict(evaluator, cache: ImageCache, data: dict[str, SplitData], config, p
         out[f"{split}_sop_uids"] = np.asarray([r.sop_instance_uid for r in recs], dtype=str)
         out[f"{split}_frames"] = d.samples.frame.astype(np.int32)
         out[f"{split}_instance"] = np.asarray([_or(r.instance) for r in recs], np.int32)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        np.savez(tmp, **out)
 
 
 def _or(value: int | None, missing: int = -1) -> int:
@@ -661,12 +661,6 @@ def _check_resume(out: Path, config: TrainConfig, manifest_hash: str) -> None:
         raise ValueError(
             f"{out} holds a run with other settings ({detail}); use a new out_dir to start over"
         )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass
