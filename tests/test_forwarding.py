@@ -227,7 +227,7 @@ def test_client_associations_turn_nagle_off(tmp_path: Path) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from mriqa_node.dicom.scu import NO_DELAY
+    from mriqa_node.dicom.client import NO_DELAY
 
     scp = StoreSCP(tmp_path / "scp", accept_all=False)
     try:

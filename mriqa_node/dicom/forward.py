@@ -18,8 +18,7 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 
 from mriqa_node.config import DestinationConfig
-from mriqa_node.dicom.qr import tls_context
-from mriqa_node.dicom.scu import NO_DELAY
+from mriqa_node.dicom.client import open_association, tls_context
 from mriqa_node.services.forwarding import Job, Outcome
 from mriqa_node.spool import Spool
 
@@ -62,9 +61,8 @@ class StoreSender:
         contexts += [build_context(sop, list(UNCOMPRESSED)) for sop in sorted(by_class)]
         ae.requested_contexts = contexts[:MAX_CONTEXTS]
         try:
-            tls = (tls_context(dest), dest.host) if dest.tls else None
-            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
-                                 evt_handlers=NO_DELAY)  # fmt: skip
+            tls = tls_context(dest) if dest.tls else None
+            assoc = open_association(ae, dest.host, dest.port, dest.ae_title, tls)
         except Exception as exc:  # TLS files or handshake, DNS: the destination is unreachable
             assoc, error = None, str(exc)
         else:

@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (
 )
 
 from mriqa_node.config import RemoteAE
-from mriqa_node.dicom.scu import NO_DELAY
+from mriqa_node.dicom.client import NotAssociated, association, tls_context
 from mriqa_node.domain.retrieve import SUCCESS, MoveResult
 
 log = logging.getLogger(__name__)
@@ -119,17 +119,11 @@ def dicom_date_range(date_from: date | None, date_to: date | None) -> str:
     return f"{left}-{right}"
 
 
-def tls_context(peer: RemoteAE) -> ssl.SSLContext:
-    """Client TLS for ``peer``: verify it with tls_ca (else the system CAs); present
-    tls_cert/tls_key when set (for peers that require a client certificate)."""
+def _tls(peer: RemoteAE) -> ssl.SSLContext:
     try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=peer.tls_ca or None)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if peer.tls_cert:
-            context.load_cert_chain(peer.tls_cert, peer.tls_key or None)
+        return tls_context(peer)
     except (OSError, ssl.SSLError) as exc:
         raise QRError(f"cannot load the TLS files for {_name(peer)}: {exc}") from exc
-    return context
 
 
 def find(
@@ -284,20 +278,12 @@ def _association(
     ae.acse_timeout = 30
     ae.dimse_timeout = timeout
     ae.network_timeout = max(timeout, 60)
-    context = tls_context(peer) if peer.tls else None
-    tls_args = (context, peer.host) if context is not None else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
-                         evt_handlers=NO_DELAY)  # fmt: skip
-    if not assoc.is_established:
-        raise QRError(_association_failure(peer, calling_aet, assoc, context))
+    context = _tls(peer) if peer.tls else None
     try:
-        yield assoc
-    except BaseException:
-        if assoc.is_established:
-            assoc.abort()
-        raise
-    if assoc.is_established:
-        assoc.release()
+        with association(ae, peer.host, peer.port, peer.ae_title, context) as assoc:
+            yield assoc
+    except NotAssociated as exc:
+        raise QRError(_association_failure(peer, calling_aet, exc.assoc, context)) from None
 
 
 def _c_find(
