@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmarks: free ports, servers started and stopped by their own PID,
-DCMTK wrappers, throwaway PostgreSQL databases, phantom data and plain-text tables.
+"""Shared helpers for the benchmarks: the peers of the tests (tests/peers.py: ports, bounded
+waits, processes stopped by their own PID, throwaway PostgreSQL), the servers compared here
+(the node, storescp, Orthanc, a bare pynetdicom SCP), phantom data and plain-text tables.
 
 Everything listens on and talks to 127.0.0.1 only, and every wait is bounded.
 """
@@ -9,27 +10,36 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import tomli_w
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.peers import (  # noqa: E402
+    DCMTK_ENV,
+    HOST,
+    NodeProcess,
+    dcmtk_tool,
+    free_port,
+    port_open,
+    postgres_available,
+    stop_process,
+    throwaway_postgres,
+    wait_for,
+)
+
+# Re-exported for the bench scripts: free_port, postgres_available (and HOST, DCMTK_ENV).
+__all__ = ["DCMTK_ENV", "HOST", "free_port", "postgres_available"]
 PYTHON = sys.executable
-HOST = "127.0.0.1"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NODE_AET = "MRIQA"
 CALLING_AET = "STORESCU"
-# DCMTK (storescu, storescp and Orthanc's DICOM layer) reads this and turns Nagle off.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 NODE_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
 
 
@@ -40,33 +50,18 @@ class BenchError(RuntimeError):
 # -- small utilities ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    path = dcmtk_tool(name)
     if path is None:
         raise BenchError(f"{name} not found (Debian package dcmtk)")
     return path
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((HOST, port)) == 0
+    try:
+        return wait_for(predicate, timeout, interval, what)
+    except TimeoutError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def echo_ok(port: int, called_aet: str, calling_aet: str = CALLING_AET) -> bool:
@@ -195,13 +190,7 @@ class Server:
         wait_until(ready, timeout, f"{self.name} to answer C-ECHO", interval=0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -242,14 +231,13 @@ class NodeServer(Server):
         self.config_path.write_text(tomli_w.dumps(base))
 
     def start(self, timeout: float = 120.0) -> NodeServer:
-        env = {**NODE_ENV, "MRIQA_CONFIG": str(self.config_path)}
-        self._popen([PYTHON, "-m", "mriqa_node.cli", "serve"], env)
-
-        def listening() -> bool:
-            self._alive_check()
-            return "DICOM SCP" in self.log() and port_open(self.port)
-
-        wait_until(listening, timeout, "the node to listen", interval=0.1)
+        process = NodeProcess(self.config_path, self.port, self.log_path, env=NODE_ENV)
+        try:
+            process.start(timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            process.stop()
+            raise BenchError(str(exc)) from None
+        self.proc, self._log = process.proc, process._log
         self.wait_echo(NODE_AET)
         return self
 
@@ -368,32 +356,16 @@ class SqliteDb:
         pass
 
 
-def postgres_available() -> bool:
-    import psycopg
-
-    try:
-        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
-        return True
-    except psycopg.Error:
-        return False
-
-
 class ThrowawayPostgres:
-    """A fresh database on the local server, dropped (WITH FORCE) on exit."""
+    """A fresh database on the local server (``url``), dropped (WITH FORCE) on exit."""
 
     def __init__(self, prefix: str = "mriqa_bench") -> None:
-        self.name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.name}"
+        self._database = throwaway_postgres(prefix)
+        self.url = ""
 
     def __enter__(self) -> ThrowawayPostgres:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = self._database.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        self._database.__exit__(*exc)

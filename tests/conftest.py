@@ -1,22 +1,14 @@
 """Shared fixtures: both database engines, the services on them (``env``), a tiny model artifact,
-real node processes, DCMTK."""
+real node processes, DCMTK (the peers themselves are in tests/peers.py, shared with bench/)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 import tomli_w
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,41 +20,28 @@ from mriqa_node.services.intake import Intake
 from mriqa_node.services.scoring import WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import Spool
+from tests.peers import (
+    DCMTK_ENV,
+    NodeProcess,
+    dcmtk_tool,
+    free_port,
+    postgres_available,
+    throwaway_postgres,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_INTAKE = REPO.parent / "shared" / "data" / "intake"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 TINY_WIDTHS = (4, 8, 8, 16)  # same architecture as the paper's ConvNet, a fraction of the cost
 IDLE, GRACE = 5.0, 1.0  # the env fixture's completion rule: idle and release-grace seconds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _postgres_available() -> bool:
-    try:
-        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
-        return True
-    except psycopg.Error:
-        return False
 
 
 @contextmanager
 def postgres_database() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
-    if not _postgres_available():
+    if not postgres_available():
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    name = f"mriqa_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_postgres() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -139,56 +118,6 @@ def write_config(path: Path, port: int, db_url: str, model: Path, **sections: di
     return path
 
 
-def stop_process(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
-    """SIGTERM a server we started (by its own PID), SIGKILL it if it does not exit in time."""
-    if proc is not None and proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-class NodeProcess:
-    """`mriqa serve` as a real child process, stopped by its own PID."""
-
-    def __init__(self, config: Path, port: int, log_path: Path) -> None:
-        self.config, self.port, self.log_path = config, port, log_path
-        self.proc: subprocess.Popen | None = None
-        self.start_args = ["serve"]
-
-    def start(self, timeout: float = 60.0) -> NodeProcess:
-        env = {**os.environ, "MRIQA_CONFIG": str(self.config), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mriqa_node.cli", *self.start_args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.config.parent,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited early:\n{self.log()}")
-            if "DICOM SCP" in self.log():
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return self
-            time.sleep(0.1)
-        raise TimeoutError(f"node did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self._log.close()
-
-
 @pytest.fixture
 def node_factory(tmp_path: Path, model_dir: Path) -> Iterator:
     """Start real nodes: ``node_factory(db_url, **sections)``; all are stopped at teardown."""
@@ -207,7 +136,7 @@ def node_factory(tmp_path: Path, model_dir: Path) -> Iterator:
 
 
 def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
+    path = dcmtk_tool(tool)
     if path is None:
         pytest.skip(f"DCMTK {tool} not installed (Debian package dcmtk)")
     return path
@@ -218,8 +147,7 @@ def storescu(port: int, files: list[Path], aet: str = "STORESCU", *extra: str,
     """DCMTK's storescu as the scanner (Nagle off, as DCMTK needs)."""
     cmd = [dcmtk("storescu"), "-v", "-aet", aet, "-aec", "MRIQA", *extra,
            "127.0.0.1", str(port), *map(str, files)]  # fmt: skip
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -236,17 +164,6 @@ def orthanc(tmp_path: Path) -> Iterator:
     server = Orthanc(tmp_path / "orthanc", free_port(), free_port())
     yield server
     server.stop()
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
-    """Poll until ``predicate()`` is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not met within {timeout:.0f} s")
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:

@@ -4,7 +4,6 @@ index and config, started on 127.0.0.1 and stopped by its own PID (never the sys
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import stop_process
+from tests.peers import DCMTK_ENV, stop_process
 
 ORTHANC = "/usr/sbin/Orthanc"
 AET = "ORTHANC"
@@ -51,9 +50,8 @@ class Orthanc:
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
-        env = {**os.environ, "TCP_NODELAY": "1"}  # DCMTK inside Orthanc leaves Nagle on otherwise
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([ORTHANC, str(config_path)], env=env, stdout=self._log,
+        self.proc = subprocess.Popen([ORTHANC, str(config_path)], env=DCMTK_ENV, stdout=self._log,
                                      stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from mriqa_node.config import ConfigError, Settings, load_config, to_toml
 from mriqa_node.db.migrate import MIGRATIONS_DIR
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import free_port
+from tests.peers import free_port
 
 
 @pytest.fixture(autouse=True)

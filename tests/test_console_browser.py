@@ -22,7 +22,8 @@ from mriqa_node.db.models import Alert, Series, SeriesVerdict
 from mriqa_node.node import BUNDLED_MODEL
 from mriqa_node.phantom import synth_series, write_series
 from mriqa_node.services.users import UserService
-from tests.conftest import NodeProcess, free_port, storescu, wait_for, write_config
+from tests.conftest import storescu, write_config
+from tests.peers import NodeProcess, free_port, wait_for
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect

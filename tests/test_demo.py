@@ -12,7 +12,7 @@ import pytest
 
 from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.services.users import UserService
-from tests.conftest import free_port
+from tests.peers import free_port
 
 pytestmark = pytest.mark.slow
 

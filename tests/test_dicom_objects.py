@@ -29,8 +29,8 @@ from mriqa_node.dicom.objects import (
 )
 from mriqa_node.domain.qa import ModelIdentity, ObjectUids, QaResult, ReportedSlice
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import free_port
 from tests.orthanc import Orthanc
+from tests.peers import free_port
 
 N = 6
 WHEN = datetime(2024, 5, 2, 14, 30, 5)

@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Instance, SliceScore
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import NodeProcess, free_port, storescu, wait_for, write_config
+from tests.conftest import storescu, write_config
+from tests.peers import NodeProcess, free_port, wait_for
 from tests.test_node_e2e import series_row
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

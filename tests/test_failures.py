@@ -39,7 +39,8 @@ from mriqa_node.ml.artifact import META_FILE, MODEL_FILE, ArtifactError, read_me
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
 from mriqa_node.spool import TMP_SUFFIX
-from tests.conftest import PG_ADMIN, free_port, postgres_database
+from tests.conftest import postgres_database
+from tests.peers import PG_ADMIN, free_port
 
 
 @pytest.fixture(autouse=True)

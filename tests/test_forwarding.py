@@ -24,7 +24,8 @@ from mriqa_node.domain.routing import ForwardRule, destinations_for
 from mriqa_node.phantom import synth_series
 from mriqa_node.services.forwarding import ForwardQueue, Job, Outcome
 from mriqa_node.services.intake import Intake
-from tests.conftest import Env, dcmtk, free_port
+from tests.conftest import Env, dcmtk
+from tests.peers import free_port
 from tests.test_services import run_concurrently, store
 
 

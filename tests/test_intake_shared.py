@@ -28,7 +28,7 @@ from mriqa_node.dicom.scu import NOT_ACCEPTED, send_datasets
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
 from mriqa_node.preprocess import preprocess_frames
-from tests.conftest import free_port
+from tests.peers import free_port
 
 pytestmark = pytest.mark.slow
 

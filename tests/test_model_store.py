@@ -18,7 +18,8 @@ from mriqa_node.ml.artifact import untrained_convnet_artifact
 from mriqa_node.ml.store import ModelStore
 from mriqa_node.node import Node, resolve_model
 from mriqa_node.phantom import synth_series
-from tests.conftest import TINY_WIDTHS, free_port
+from tests.conftest import TINY_WIDTHS
+from tests.peers import free_port
 
 pytestmark = pytest.mark.slow
 

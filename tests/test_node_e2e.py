@@ -20,7 +20,8 @@ from sqlalchemy import func, select
 from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Alert, Instance, Series, SeriesVerdict
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import storescu, wait_for
+from tests.conftest import storescu
+from tests.peers import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,9 @@ from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import ForwardJob, Instance
 from mriqa_node.phantom import synth_series, write_series
 from mriqa_node.services.users import UserService
-from tests.conftest import NodeProcess, dcmtk, free_port, storescu, wait_for, write_config
+from tests.conftest import dcmtk, storescu, write_config
 from tests.orthanc import Orthanc
+from tests.peers import NodeProcess, free_port, wait_for
 from tests.test_node_e2e import mriqa_cli
 
 pytestmark = pytest.mark.slow

@@ -27,8 +27,9 @@ from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Instance, Series, Study
 from mriqa_node.dicom.qr import QRError, find, move
 from mriqa_node.phantom import synth_series, write_series
-from tests.conftest import NodeProcess, free_port, self_signed, write_config
+from tests.conftest import self_signed, write_config
 from tests.orthanc import ORTHANC, Orthanc
+from tests.peers import NodeProcess, free_port
 from tests.test_node_e2e import mriqa_cli, series_row
 
 pytestmark = pytest.mark.slow

@@ -312,6 +312,12 @@ def test_kappa_and_label_mapping() -> None:
     assert evaluate.cohen_kappa(a, a, 3) == pytest.approx(1.0)
     b = np.array([0, 1, 1, 2, 1, 0, 2, 1, 2, 1])
     assert evaluate.cohen_kappa(a, b, 3) == pytest.approx(cohen_kappa_score(a, b))
+    # The node's own (hand-computed, sklearn-free) kappa agrees, missing ratings left out.
+    from mriqa_node.domain import agreement
+
+    gaps = np.where(np.arange(10) % 4 == 0, -1, b)
+    assert evaluate.cohen_kappa(a, gaps, 3) == pytest.approx(agreement.cohen_kappa(a, gaps, 3))
+    assert evaluate.cohen_kappa([1, 1, 1], [1, 1, 1], 3) is None  # one class: undefined
     assert to_task_labels([0, 1, 2, -1], "binary").tolist() == [0, 1, 1, -1]
     assert to_task_labels([0, 1, 2, -1], "3class").tolist() == [0, 1, 2, -1]
 

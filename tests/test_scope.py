@@ -28,7 +28,8 @@ from mriqa_node.domain.scope import (
 from mriqa_node.phantom import synth_series
 from mriqa_node.services.intake import Intake, StoreOutcome
 from mriqa_node.services.series import SeriesService
-from tests.conftest import GRACE, IDLE, Env, storescu, wait_for
+from tests.conftest import GRACE, IDLE, Env, storescu
+from tests.peers import wait_for
 from tests.test_services import MODEL_META
 
 INTAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "intake"

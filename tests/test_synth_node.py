@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import storescu, wait_for
+from tests.conftest import storescu
+from tests.peers import wait_for
 from tests.test_node_e2e import series_row
 from training.manifest import read_manifest
 from training.synth import SynthConfig, generate

@@ -13,7 +13,8 @@ from mriqa_node.config import load_config
 from mriqa_node.dicom.scu import send_datasets
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
-from tests.conftest import free_port, self_signed
+from tests.conftest import self_signed
+from tests.peers import free_port
 
 
 @pytest.fixture

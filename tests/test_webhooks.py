@@ -21,7 +21,7 @@ from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Cursor, DeliveryState, Event, WebhookDelivery
 from mriqa_node.db.sql import now_utc
 from mriqa_node.services.webhooks import WebhookOutbox, backoff, cursor_name, sign, verify
-from tests.conftest import free_port
+from tests.peers import free_port
 
 SECRET = "s3cret"
 CONSOLE = "https://qa.example.org/"

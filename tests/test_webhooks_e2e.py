@@ -18,7 +18,8 @@ from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.phantom import synth_series, write_series
 from mriqa_node.services.users import UserService
 from mriqa_node.services.webhooks import verify
-from tests.conftest import NodeProcess, free_port, storescu, wait_for, write_config
+from tests.conftest import storescu, write_config
+from tests.peers import NodeProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 SECRET = "e2e-secret"

@@ -20,19 +20,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from mriqa_node.domain.agreement import (  # the node's metrics; re-exported here
-    cohen_kappa,
-    confusion_counts,
-    jaccard_matrix,
-    kappa_from_confusion,
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
 )
+
+from mriqa_node.domain.agreement import jaccard_matrix  # the paper's Fig. 6; re-exported
 from training.calibration import calibrate
 from training.files import write_json
 from training.manifest import task_label
@@ -93,12 +96,22 @@ def row_normalise(cm: Any) -> np.ndarray:
     return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
 
+def cohen_kappa(a: Any, b: Any, num_classes: int = 3) -> float | None:
+    """Cohen's kappa between two label vectors (pairs with a negative label left out); None
+    where undefined (no pairs, or one class only)."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    keep = (a >= 0) & (b >= 0)
+    if not keep.any():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _finite_or_none(cohen_kappa_score(a[keep], b[keep], labels=list(range(num_classes))))
+
+
 def _auc(scores: np.ndarray, positives: np.ndarray) -> float | None:
     positives = positives.astype(bool)
     if positives.all() or not positives.any():
         return None  # undefined with a single class present
-    from sklearn.metrics import roc_auc_score
-
     return float(roc_auc_score(positives, scores))
 
 
@@ -177,19 +190,17 @@ def metrics(
     if n == 0:
         return out
     pred = p.argmax(axis=1)
-    cm = confusion_counts(y, pred, c)
-    support = cm.sum(axis=1)
+    every = list(range(c))
+    cm = confusion_matrix(y, pred, labels=every)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=every, zero_division=0
+    )
     predicted = cm.sum(axis=0)
-    tp = np.diag(cm).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros(c), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(c), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(c), where=denom > 0)
-    present = support > 0
-    out["accuracy"] = float(tp.sum() / n)
-    out["balanced_accuracy"] = float(recall[present].mean())
+    present = [k for k in every if support[k] > 0]
+    out["accuracy"] = float(accuracy_score(y, pred))
+    out["balanced_accuracy"] = float(recall[present].mean())  # over the classes present
     out["macro_f1"] = float(f1[present].mean())
-    out["kappa"] = kappa_from_confusion(cm)
+    out["kappa"] = cohen_kappa(y, pred, c)
     for k, name in enumerate(names):
         out["per_class"][name] = {
             "precision": float(precision[k]) if predicted[k] > 0 else None,
