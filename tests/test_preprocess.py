@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -492,20 +490,6 @@ def test_classic_slice_position() -> None:
     multi.ImagePositionPatient = [0, 0, 0]
     multi.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     assert slice_positions(multi) == [None, None]
-
-
-def test_speed_of_a_512_slice() -> None:
-    """A 512x512 uint16 slice takes about 1 ms; 25 ms leaves room for a loaded CI machine."""
-    rng = np.random.default_rng(10)
-    pixels = rng.integers(0, 4096, (512, 512), dtype=np.uint16)
-    for ds in (make_ds(pixels, WindowCenter=2000, WindowWidth=3000), make_ds(pixels)):
-        preprocess(ds)
-        times = []
-        for _ in range(15):
-            start = time.perf_counter()
-            preprocess(ds)
-            times.append(time.perf_counter() - start)
-        assert statistics.median(times) < 0.025
 
 
 # --- the real intake files --------------------------------------------------------------------
