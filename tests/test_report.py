@@ -592,13 +592,19 @@ def test_layout_written_by_training_train(tmp_path: Path) -> None:
     assert report.write_summary([run], tmp_path / "s").is_file()
 
 
-def test_summary_leaves_out_a_broken_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_summary_leaves_out_a_broken_run(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from training.cli import main as mriqa_train
+
     good = make_run(tmp_path, "convnet", "binary", seed=4, keras_model=False)
     broken = tmp_path / "crashed"
     broken.mkdir()
-    assert report.main([str(good), str(broken), "--out", str(tmp_path / "s")]) == 0
-    out = Path(capsys.readouterr().out.strip())
-    text = out.read_text()
+    result = CliRunner().invoke(
+        mriqa_train, ["report", str(good), str(broken), "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 0, result.output
+    text = Path(result.output.strip().removeprefix("summary: ")).read_text()
     assert "crashed left out" in text and "convnet_binary" in text
     with pytest.raises(ValueError, match="no run could be evaluated"):
         report.write_summary([broken], tmp_path / "s2")

@@ -37,22 +37,44 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--subjects", default=69, show_default=True)
+@click.option("--slices", nargs=2, type=int, default=None, metavar="MIN MAX",
+              help="Slices per subject (default: SynthConfig's).")  # fmt: skip
 @click.option("--size", default=512, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="0: one per CPU")
+@click.option("--motion-fraction", type=click.FloatRange(0, 1), default=None,
+              help="Share of series with motion (default: SynthConfig's).")  # fmt: skip
 @click.option(
     "--randomise",
     default=1.0,
     show_default=True,
     help="Domain randomisation strength: 0 the reference T2 look, 1 fully random.",
 )
-def synth(out: Path, subjects: int, size: int, seed: int, workers: int, randomise: float) -> None:
+@click.option("--montage", type=click.Path(path_type=Path), default=None,
+              help="Also save a PNG montage of examples per class.")  # fmt: skip
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def synth(out: Path, subjects: int, slices: tuple[int, int] | None, size: int, seed: int,
+          workers: int, motion_fraction: float | None, randomise: float, montage: Path | None,
+          quiet: bool) -> None:  # fmt: skip
     """Generate the synthetic MR motion data set (DICOM + manifest.csv + summary.json)."""
     from training.synth import SynthConfig, generate
 
+    given = {"slices_per_subject": tuple(slices) if slices else None,
+             "motion_fraction": motion_fraction}  # fmt: skip
     config = SynthConfig(subjects=subjects, size=size, seed=seed, workers=workers,
-                         randomise=randomise)  # fmt: skip
-    click.echo(f"manifest: {generate(config, out)}")
+                         randomise=randomise,
+                         **{k: v for k, v in given.items() if v is not None})  # fmt: skip
+    manifest = generate(config, out, progress=not quiet)
+    summary = json.loads((manifest.parent / "summary.json").read_text())
+    click.echo(
+        f"manifest: {manifest} ({summary['slices']} slices of {summary['subjects']} subjects in"
+        f" {summary['seconds']:.0f} s; truth classes 0/1/2 {summary['class_counts']['truth']},"
+        f" kappa(rater1, rater2) {summary['kappa_rater1_rater2']:.2f})"
+    )
+    if montage:
+        from training.synth.montage import montage as draw_montage
+
+        click.echo(f"montage: {draw_montage(manifest, montage)}")
 
 
 @main.command()

@@ -53,7 +53,7 @@ def _pretty(name: str) -> str:
 # --------------------------------------------------------------------------- Fig. 3
 
 
-def _load_model(path: str | Path) -> Any:
+def load_model(path: str | Path) -> Any:
     """Load a model.keras for inference (training.models is imported first, if it exists, so any
     custom layers it registers can be deserialised)."""
     import importlib
@@ -169,7 +169,7 @@ def fig3_activation_maps(
     a colour scale, so what changes under motion is what differs between the two rows.
     """
     if isinstance(model, str | Path):
-        model = _load_model(model)
+        model = load_model(model)
     return draw_activation_maps(
         activation_maps(model, [clean_image, motion_image]), out, model_name
     )
@@ -362,7 +362,7 @@ def manifest_rows(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _int_or_missing(v: Any) -> int:
+def int_or_missing(v: Any) -> int:
     try:
         return int(float(v))
     except (TypeError, ValueError):
@@ -383,8 +383,8 @@ def rater_vectors(manifest_or_labels: Any) -> tuple[np.ndarray, np.ndarray, tupl
             names,
         )
     if isinstance(src, list) and src and isinstance(src[0], Mapping):
-        r1 = np.array([_int_or_missing(r.get("rater1")) for r in src], dtype=np.int64)
-        r2 = np.array([_int_or_missing(r.get("rater2")) for r in src], dtype=np.int64)
+        r1 = np.array([int_or_missing(r.get("rater1")) for r in src], dtype=np.int64)
+        r2 = np.array([int_or_missing(r.get("rater2")) for r in src], dtype=np.int64)
         return r1, r2, names
     if isinstance(src, np.ndarray) and src.ndim == 2:
         if src.shape[1] < 2:
