@@ -66,6 +66,9 @@ class StorageConfig(_Section):
     database_url: str = "sqlite:///var/mriqa.db"
     # fsync file and directory before answering Success; off only if power-cut loss is acceptable.
     fsync: bool = True
+    # Below this much free space (MiB) on the spool's disk the node answers 0xA700 (out of
+    # resources: the scanner keeps the images and retries) instead of filling it; 0: off.
+    min_free_mb: float = Field(512.0, ge=0)
 
 
 class SeriesConfig(_Section):

@@ -120,7 +120,8 @@ class Node:
         self.sessions = make_sessionmaker(self.engine)
         self.read_engine = make_engine(settings.storage.database_url, readonly=True)
         self.reads = make_sessionmaker(self.read_engine)
-        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync)
+        self.spool = Spool(settings.storage.spool_dir, fsync=settings.storage.fsync,
+                           min_free_bytes=int(settings.storage.min_free_mb * 2**20))  # fmt: skip
         self.work_available = threading.Event()
         self.forward_available = threading.Event()
         self.intake = Intake(
@@ -252,6 +253,7 @@ class Node:
             alerts=AlertService(self.sessions, self.reads),
             ratings=RatingService(self.sessions, self.reads),
             images=self.slice_images,
+            spool=self.spool,
             outbox=self._webhook_outbox() if self.settings.webhooks else None,
             forwarding=ForwardQueue(self.sessions, self.reads)
             if self.settings.pacs.destinations

@@ -6,8 +6,10 @@ decoded and re-encoded on the receive path. Layout: ``<study uid>/<series uid>/<
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +26,36 @@ class SpoolError(OSError):
     """The instance could not be kept (disk full, read-only, ...)."""
 
 
+class LowDiskSpace(SpoolError):
+    """Free space on the spool's file system is below the configured watermark."""
+
+
 class Spool:
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = Path(root).resolve()
         self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def space(self) -> dict[str, int | bool]:
+        """Free bytes on the spool's file system, the watermark, and whether it is crossed."""
+        free = self.free_bytes()
+        return {"free_bytes": free, "min_free_bytes": self.min_free_bytes,
+                "low": bool(self.min_free_bytes) and free < self.min_free_bytes}  # fmt: skip
+
+    def check_space(self) -> None:
+        """LowDiskSpace below the watermark: refuse a new instance while the disk still has
+        room for the files being written, the database and the logs."""
+        if self.min_free_bytes and (free := self.free_bytes()) < self.min_free_bytes:
+            raise LowDiskSpace(
+                errno.ENOSPC,
+                f"{free / 2**20:.0f} MiB free on the spool's disk, below the watermark of"
+                f" {self.min_free_bytes / 2**20:.0f} MiB ([storage] min_free_mb)",
+            )
 
     def relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         """Where an instance lives; UIDs are validated so they cannot escape the spool."""

@@ -380,3 +380,31 @@ def test_ratings_export_writes_a_training_manifest(console: Console, tmp_path: P
         item["sop_instance_uid"] for item in detail["slice_list"][:2]
     )
     assert all(rec.raters == {"rater1": 0} and rec.path.is_file() for rec in records)
+
+
+def test_health_and_metrics_report_the_spool_watermark(env: Env, tmp_path: Path,
+                                                       model_dir: Path) -> None:  # fmt: skip
+    """/healthz answers 503 while free space is below [storage] min_free_mb (the receiver then
+    refuses instances), and /metrics shows the free bytes and the crossing."""
+    from mriqa_node.spool import Spool
+
+    users = UserService(env.sessions)
+    users.add("tech", Role.technologist, PASSWORD)
+    token = {"Authorization": f"Bearer {users.create_token('tech')}"}
+    for watermark, status, low in ((2**62, 503, 1), (0, 200, 0)):
+        ctx = ConsoleContext(
+            settings=Settings(console={"cache_dir": str(tmp_path / "cache")}),
+            reads=env.sessions, users=users, alerts=AlertService(env.sessions),
+            ratings=RatingService(env.sessions),
+            images=SliceImages(env.sessions, env.spool, tmp_path / "cache", lambda: model_dir),
+            spool=Spool(env.spool.root, min_free_bytes=watermark),
+        )  # fmt: skip
+        with TestClient(create_app(ctx, "test-secret")) as client:
+            health = client.get("/healthz")
+            assert health.status_code == status
+            disk = health.json()["disk"]
+            assert disk["status"] == ("low" if low else "ok") and disk["free_bytes"] > 0
+            assert health.json()["database"] == "ok"
+            text = client.get("/metrics", headers=token).text
+            assert f"mriqa_spool_low_space {low:.1f}" in text
+            assert "mriqa_spool_free_bytes " in text

@@ -50,7 +50,8 @@ def _no_mriqa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key)
 
 
-def start_node(tmp_path: Path, db_url: str, model_dir: Path, spool: Path | None = None) -> Node:
+def start_node(tmp_path: Path, db_url: str, model_dir: Path, spool: Path | None = None,
+               min_free_mb: float = 0.0) -> Node:  # fmt: skip
     settings = load_config(
         None,
         dicom={"port": free_port(), "allowed_calling_aets": ["SCANNER1"]},
@@ -58,6 +59,7 @@ def start_node(tmp_path: Path, db_url: str, model_dir: Path, spool: Path | None 
             "spool_dir": str(spool or tmp_path / "spool"),
             "database_url": db_url,
             "fsync": True,
+            "min_free_mb": min_free_mb,
         },
         model={"path": str(model_dir)},
         series={"idle_seconds": 60.0, "release_grace_seconds": 60.0},
@@ -184,6 +186,33 @@ def test_disk_full_answers_out_of_resources_and_never_lies(
         # Still receiving: a tiny instance that fits is accepted.
         small = synth_series(1, size=32, seed=43)
         assert send(node, small).sent == 1
+    finally:
+        node.stop()
+
+
+def test_free_space_watermark_refuses_before_the_disk_is_full_and_lifts(
+    tiny_disk: Path, tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Below [storage] min_free_mb the scanner is told 0xA700 (it keeps its images and retries)
+    while the disk still has room; once space returns the same series is taken."""
+    spool = tiny_disk / "spool"
+    node = start_node(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir, spool,
+                      min_free_mb=1.0)  # fmt: skip
+    filler = tiny_disk / "filler"
+    try:
+        datasets = synth_series(4, size=32, seed=45)
+        filler.write_bytes(b"\0" * (shutil.disk_usage(tiny_disk).free - 900 * 1024))
+        assert node.spool.space()["low"]
+        report = send(node, datasets)
+        assert report.sent == 0
+        assert set(report.failed.values()) == {OUT_OF_RESOURCES}, report.failed
+        assert rows(node) == {} and leftovers(spool) == [] and not list(spool.rglob("*.dcm"))
+        assert shutil.disk_usage(tiny_disk).free > 800 * 1024  # refused, not filled up
+        assert "below the watermark" in caplog.text
+        filler.unlink()  # an administrator makes room
+        assert not node.spool.space()["low"]
+        assert send(node, datasets).sent == len(datasets)
+        assert len(rows(node)) == len(datasets)
     finally:
         node.stop()
 

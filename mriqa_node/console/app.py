@@ -38,6 +38,7 @@ from mriqa_node.services.forwarding import ForwardQueue
 from mriqa_node.services.images import SliceImages, SliceNotFound
 from mriqa_node.services.ratings import Forbidden, NotFound, RatingError, RatingService
 from mriqa_node.services.users import ACK_ROLES, ADMIN_ROLES, RATE_ROLES, Principal, UserService
+from mriqa_node.spool import Spool
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -55,6 +56,7 @@ class ConsoleContext:
     alerts: AlertService
     ratings: RatingService
     images: SliceImages
+    spool: Spool | None = None  # for the free-space watermark in /healthz and /metrics
     outbox: Any = None  # WebhookOutbox when webhooks are configured
     forwarding: ForwardQueue | None = None  # the PACS forwarding outbox, when configured
 
@@ -385,17 +387,24 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
     app.include_router(api)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    registry = registry_for(ctx.reads)
+    registry = registry_for(ctx.reads, ctx.spool)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:
-        """Liveness and database reachability, without authentication (for load balancers)."""
+        """Liveness, database reachability and spool space, without authentication (for load
+        balancers): 503 while the node cannot take instances."""
+        body: dict[str, Any] = {"status": "ok", "database": "ok"}
         try:
             with ctx.reads() as session:
                 session.execute(text("SELECT 1"))
         except Exception as exc:
-            return JSONResponse({"status": "error", "database": str(exc)[:200]}, 503)
-        return JSONResponse({"status": "ok", "database": "ok"})
+            body.update(status="error", database=str(exc)[:200])
+        if ctx.spool is not None:
+            space = ctx.spool.space()
+            body["disk"] = {**space, "status": "low" if space["low"] else "ok"}
+            if space["low"]:
+                body["status"] = "error"
+        return JSONResponse(body, 503 if body["status"] != "ok" else 200)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(user: CurrentUser) -> Response:

@@ -26,13 +26,15 @@ from mriqa_node.db.models import (
     SeriesVerdict,
     WebhookDelivery,
 )
+from mriqa_node.spool import Spool
 
 VERDICT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class NodeCollector:
-    def __init__(self, reads: sessionmaker[Session]) -> None:
+    def __init__(self, reads: sessionmaker[Session], spool: Spool | None = None) -> None:
         self.reads = reads
+        self.spool = spool
 
     def collect(self) -> Iterator[Metric]:
         with self.reads() as session:
@@ -99,9 +101,21 @@ class NodeCollector:
         for state in DeliveryState:
             delivery_family.add_metric([state.value], dict(deliveries).get(state, 0))
         yield delivery_family
+        if self.spool is not None:
+            space = self.spool.space()
+            yield GaugeMetricFamily(
+                "mriqa_spool_free_bytes",
+                "Free bytes on the spool's file system",
+                space["free_bytes"],
+            )
+            yield GaugeMetricFamily(
+                "mriqa_spool_low_space",
+                "1 while free space is below [storage] min_free_mb (instances refused with 0xA700)",
+                int(space["low"]),
+            )
 
 
-def registry_for(reads: sessionmaker[Session]) -> CollectorRegistry:
+def registry_for(reads: sessionmaker[Session], spool: Spool | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(reads))
+    registry.register(NodeCollector(reads, spool))
     return registry

@@ -87,6 +87,7 @@ class Intake:
         file is written, synced and renamed into place; then the commit.
         """
         relpath = self.spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
+        self.spool.check_space()  # LowDiskSpace: refused before anything is written
         outcome = self.register(
             header, relpath, len(encoded), calling_aet, lambda: self.spool.write(relpath, encoded)
         )
