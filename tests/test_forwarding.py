@@ -241,3 +241,48 @@ def test_client_associations_turn_nagle_off(tmp_path: Path) -> None:
             assoc.release()
     finally:
         scp.stop()
+
+
+def test_a_week_long_pacs_outage_keeps_a_bounded_retry_and_delivers_each_instance_once(
+    env: Env, orthanc
+) -> None:
+    """A week of a PACS that refuses connections (real connection attempts, the week on an
+    injected clock): retries stay at most backoff_max_seconds apart and never overflow; when
+    the PACS (a real Orthanc on that port) comes back, every instance arrives once."""
+    routed(env, ForwardRule("pacs"))
+    datasets = synth_series(6, size=32, seed=9)
+    for ds in datasets:
+        store(env, ds)
+    clock = [now_utc()]
+    queue = ForwardQueue(env.sessions, clock=lambda: clock[0])
+    cap = 4 * 3600  # a long cap keeps the week short in steps; the rule is the same
+    d = dest(port=orthanc.dicom_port, backoff_seconds=1, backoff_max_seconds=cap)
+    sender = StoreSender(env.spool, "MRIQA")
+
+    def step() -> int:
+        """One claim and send at the clock's time, then the clock jumps to the next due job."""
+        jobs = queue.claim("pacs", 50, "lane:1")
+        if jobs:
+            queue.record(d, "lane:1", jobs, sender(d, jobs))
+        pending = [j.next_attempt_at for j in all_jobs(env) if j.state == "pending"]
+        if pending:
+            clock[0] = max(clock[0], min(pending))
+        return len(pending)
+
+    start, gaps = clock[0], []
+    while clock[0] - start < timedelta(days=7):
+        before = clock[0]
+        assert step() == len(datasets)  # nothing lost, nothing given up
+        gaps.append(clock[0] - before)
+    attempts = {j.attempts for j in all_jobs(env)}
+    assert len(attempts) == 1 and attempts.pop() >= 7 * 24 * 3600 // cap  # for the whole week
+    assert max(gaps) <= timedelta(seconds=cap)
+    assert {j.last_error is not None for j in all_jobs(env)} == {True}
+
+    orthanc.start()  # the PACS is back
+    for _ in range(5):
+        if step() == 0:
+            break
+    assert {j.state for j in all_jobs(env)} == {"sent"}
+    held = orthanc.sop_instance_uids()
+    assert sorted(held) == sorted(str(ds.SOPInstanceUID) for ds in datasets)  # each once

@@ -78,10 +78,12 @@ def backoff(dest: DestinationConfig, attempts: int) -> float:
 
 class ForwardQueue:
     def __init__(
-        self, sessions: sessionmaker[Session], reads: sessionmaker[Session] | None = None
-    ) -> None:
+        self, sessions: sessionmaker[Session], reads: sessionmaker[Session] | None = None,
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:  # fmt: skip
         self.sessions = sessions
         self.reads = reads or sessions
+        self.clock = clock  # injected by tests that live through a week-long outage
 
     def claim(self, destination: str, limit: int, worker_id: str) -> list[Job]:
         """The oldest due jobs of one series of a destination, claimed for this worker.
@@ -89,7 +91,7 @@ class ForwardQueue:
         A series that another lane (or process) is sending is left alone, so each series
         reaches the destination in order, its instances before its QA objects, while lanes
         send different series at once."""
-        now = now_utc()
+        now = self.clock()
         j = ForwardJob
         busy = select(j.series_uid).where(
             j.destination == destination,
@@ -131,7 +133,7 @@ class ForwardQueue:
         outcomes: dict[int, Outcome],
     ) -> None:
         """Store each job's outcome; only the claim holder may (a lost claim is ignored)."""
-        now = now_utc()
+        now = self.clock()
         with self.sessions.begin() as session:
             for job in jobs:
                 outcome = outcomes.get(job.id, Outcome(None, "not attempted"))
