@@ -43,7 +43,14 @@ class DicomConfig(_Section):
     allowed_calling_aets: list[str] = ["SCANNER1"]
     # Empty: any address. Otherwise only these peer IPs may associate.
     allowed_ips: list[str] = []
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(32, ge=1)
+    # Connections open at once from one address; more are closed at once (logged), so a peer
+    # that opens connections and sends nothing cannot take every slot from the scanners.
+    max_associations_per_peer: int = Field(8, ge=1)
+    # Seconds a new connection may take to send its association request, and an established
+    # association may stay silent, before the node drops it.
+    acse_timeout_seconds: float = Field(10.0, gt=0)
+    network_timeout_seconds: float = Field(60.0, gt=0)
     max_pdu: int = Field(0, ge=0, description="0: unlimited")
     tls_cert: str = ""
     tls_key: str = ""

@@ -7,6 +7,7 @@ retries, and the receiver keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -51,10 +52,10 @@ def _no_mriqa_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def start_node(tmp_path: Path, db_url: str, model_dir: Path, spool: Path | None = None,
-               min_free_mb: float = 0.0) -> Node:  # fmt: skip
+               min_free_mb: float = 0.0, **dicom: object) -> Node:  # fmt: skip
     settings = load_config(
         None,
-        dicom={"port": free_port(), "allowed_calling_aets": ["SCANNER1"]},
+        dicom={"port": free_port(), "allowed_calling_aets": ["SCANNER1"], **dicom},
         storage={
             "spool_dir": str(spool or tmp_path / "spool"),
             "database_url": db_url,
@@ -300,6 +301,38 @@ def test_garbage_and_mismatched_datasets_are_refused_and_the_scp_keeps_serving(
         assert send(node, good[1:]).sent == 1
         assert set(rows(node)) == {str(ds.SOPInstanceUID) for ds in good}
     finally:
+        node.stop()
+
+
+def test_idle_connections_never_lock_out_a_scanner(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty connections that send nothing, from one address (127.0.0.2): three are let in
+    ([dicom] max_associations_per_peer), the rest closed at once with the reason logged; the
+    scanner, from 127.0.0.1, is served meanwhile; the silent ones are dropped after
+    acse_timeout_seconds."""
+    node = start_node(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir,
+                      max_associations=6, max_associations_per_peer=3,
+                      acse_timeout_seconds=8.0)  # fmt: skip
+    port = node.settings.dicom.port
+    idle = []
+    try:
+        for _ in range(20):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", port))
+            idle.append(sock)
+        datasets = synth_series(3, size=32, seed=46)
+        assert send(node, datasets).sent == 3  # while all twenty are connected
+        assert set(rows(node)) == {str(ds.SOPInstanceUID) for ds in datasets}
+        assert caplog.text.count("refused connection from 127.0.0.2: 3 connections") == 17
+        for sock in idle:  # every one closed by the node: refused, or silent too long
+            sock.settimeout(20)
+            with contextlib.suppress(ConnectionResetError):  # reset or closed: both are fine
+                assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
         node.stop()
 
 

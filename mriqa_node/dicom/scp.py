@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections import defaultdict
+import threading
+from collections import Counter, defaultdict
 from typing import Any
 
 from pydicom.uid import (
@@ -69,12 +70,18 @@ class StoreSCP:
         self.config = config
         self.intake = intake
         self._series_by_assoc: dict[int, set[str]] = defaultdict(set)
+        # Connections open per peer address: counted at accept, released when the socket
+        # closes (pynetdicom registers the association only later, in its own thread).
+        self._open_by_peer: Counter[str] = Counter()
+        self._peer_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
 
     def make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
         ae.maximum_associations = self.config.max_associations
+        ae.acse_timeout = self.config.acse_timeout_seconds  # also the wait for the request
+        ae.network_timeout = self.config.network_timeout_seconds
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
@@ -126,7 +133,17 @@ class StoreSCP:
         if self.config.allowed_ips and ip not in self.config.allowed_ips:
             log.warning("refused connection from %s: address not allowed", ip)
             return False
-        return True
+        limit = self.config.max_associations_per_peer
+        with self._peer_lock:
+            from_peer = self._open_by_peer[ip]
+            if from_peer < limit:
+                self._open_by_peer[ip] += 1
+                return True
+        log.warning(
+            "refused connection from %s: %d connections already open from it"
+            " ([dicom] max_associations_per_peer = %d)", ip, from_peer, limit,
+        )  # fmt: skip
+        return False
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls:
@@ -150,7 +167,8 @@ class StoreSCP:
 
     def handle_rejected(self, event: evt.Event) -> None:
         log.warning(
-            "association from %s (%s) rejected: calling AE not allowed or no usable context",
+            "association from %s (%s) rejected: calling AE not allowed, no usable context, or"
+            " [dicom] max_associations reached",
             event.assoc.requestor.ae_title,
             event.assoc.requestor.address,
         )
@@ -200,6 +218,12 @@ class StoreSCP:
 
     def handle_closed(self, event: evt.Event) -> None:
         self._series_by_assoc.pop(id(event.assoc), None)
+        ip = event.assoc.requestor.address
+        with self._peer_lock:
+            if self._open_by_peer[ip] > 1:
+                self._open_by_peer[ip] -= 1
+            else:
+                self._open_by_peer.pop(ip, None)
 
 
 def _short(exc: BaseException) -> str:
