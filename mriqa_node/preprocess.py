@@ -193,7 +193,12 @@ def _decode(ds: pydicom.Dataset) -> np.ndarray:
     try:
         # pydicom.pixels.pixel_array leaves ds untouched (ds.pixel_array would cache a copy on it).
         arr = pixel_array(ds)
-    except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        # Decoders raise anything from ValueError to RuntimeError; the Rust ones (pylibjpeg-rle)
+        # a PanicException, a BaseException that went through every handler and stopped the
+        # worker (found by fuzzing).
         name = ts.name if ts is not None else "unknown transfer syntax"
         detail = " ".join(str(exc).split())  # one line: decoder plugins report one per line
         raise Unscorable(f"cannot decode {name}: {type(exc).__name__}: {detail[:300]}") from exc

@@ -18,7 +18,6 @@ from io import BytesIO
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from mriqa_node.ml.scorer import Scorer
 from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
@@ -51,10 +50,20 @@ class Prepared:
 
 
 def prepare(spool: Spool, claim: Claim, size: int) -> Prepared:
-    """Read and preprocess one instance; every failure becomes a stored reason. Frames
+    """Read and preprocess one instance (see prepare_data)."""
+    try:
+        data = spool.read(claim.spool_path)
+    except FileNotFoundError:
+        return Prepared(claim, None, [], "file missing from the spool")
+    return prepare_data(claim, data, size)
+
+
+def prepare_data(claim: Claim, data: bytes, size: int) -> Prepared:
+    """Preprocess one instance's file; every failure becomes a stored reason, never an
+    exception (one that escaped would send the claim round the worker loop for ever). Frames
     without anatomy are left out (all of them: the instance is not assessed)."""
     try:
-        ds = pydicom.dcmread(BytesIO(spool.read(claim.spool_path)))
+        ds = pydicom.dcmread(BytesIO(data))
         prepared = preprocess_frames(ds, size)
         keep = prepared.anatomy
         if not len(keep):
@@ -66,10 +75,10 @@ def prepare(spool: Spool, claim: Claim, size: int) -> Prepared:
                         frame_numbers=[int(i) for i in keep])  # fmt: skip
     except Unscorable as exc:
         return Prepared(claim, None, [], str(exc))
-    except FileNotFoundError:
-        return Prepared(claim, None, [], "file missing from the spool")
-    except (InvalidDicomError, EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
-        return Prepared(claim, None, [], f"cannot read dataset: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # pydicom raises OSError, EOFError, ValueError, KeyError... on a
+        # damaged file: any of them is this instance's reason (found by fuzzing: OSError)
+        detail = " ".join(str(exc).split())[:300]
+        return Prepared(claim, None, [], f"cannot read dataset: {type(exc).__name__}: {detail}")
 
 
 class Worker:
