@@ -50,6 +50,12 @@ def attempt(notes: list[str], what: str, fn: Any, *args: Any, **kwargs: Any) -> 
         return None
 
 
+def draw_roc(notes: list[str], panels: Mapping[str, Any], figdir: Path, title: str) -> Path | None:
+    """Fig. 5 (ROC curves, one panel per reference or task) into figdir, or a note why not."""
+    return attempt(notes, "Fig. 5", figures.fig5_roc_curves, panels, figdir / "fig5_roc.png",
+                   title=title)  # fmt: skip
+
+
 def build_run_report(
     run_dir: Path,
     manifest: Any = None,
@@ -95,14 +101,8 @@ def build_run_report(
             panels[f"{split_name}: vs truth"] = figures.roc_inputs(
                 probs, to_task_labels(truth3, task), label, names
             )
-        figs["fig5"] = attempt(
-            notes,
-            "Fig. 5",
-            figures.fig5_roc_curves,
-            panels,
-            figdir / "fig5_roc.png",
-            title=f"Fig. 5 - {label}: ROC on the {split_name} split",
-        )
+        figs["fig5"] = draw_roc(notes, panels, figdir,
+                                f"Fig. 5 - {label}: ROC on the {split_name} split")  # fmt: skip
 
     if result.get("calibration"):
         figs["reliability"] = attempt(

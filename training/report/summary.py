@@ -21,7 +21,7 @@ from training.evaluate import (
 )
 from training.files import write_json
 from training.report.inputs import fig3_images, manifest_path, rater_columns, raters_all_splits
-from training.report.run import attempt, build_run_report
+from training.report.run import attempt, build_run_report, draw_roc
 from training.report.sections import jaccard_md, noise_summary_md, rater_md, unseen_real_md
 from training.report.text import (
     MODEL_ORDER,
@@ -275,14 +275,10 @@ def write_summary(
                 r["class_names"],
             )
         )
-    figs["fig5"] = attempt(
-        notes,
-        "Fig. 5",
-        figures.fig5_roc_curves,
-        panels,
-        figdir / "fig5_roc.png",
-        title="Fig. 5 - ROC curves (binary: non-diagnostic positive; 3-class: one vs rest)",
-    )
+    figs["fig5"] = draw_roc(
+        notes, panels, figdir,
+        "Fig. 5 - ROC curves (binary: non-diagnostic positive; 3-class: one vs rest)",
+    )  # fmt: skip
 
     first = next(iter(results.values()))
     mpath = manifest_path(manifest, first["config"])
