@@ -315,7 +315,8 @@ def test_ten_open_alerts_one_banner_a_compact_list_and_the_series_on_screen(
             assert small["height"] < big["height"] / 2, (big, small)
             rows = page.locator("#series-rows tr")
             expect(rows.first).to_be_visible()
-            top = rows.first.bounding_box()
+            # Live updates may redraw the row between two calls: ask until it is laid out.
+            top = wait_for(rows.first.bounding_box, 15, 0.1, "the first series row laid out")
             assert top["y"] + top["height"] <= 800, top  # the live list is on the screen
             shot = tmp_path / "ten-alerts.png"
             page.screenshot(path=str(shot))
