@@ -122,6 +122,13 @@ class ConsoleConfig(_Section):
     # Key that signs session cookies; created (0600) at first start when missing.
     secret_file: Path = Path("var/console.secret")
     session_hours: float = Field(12.0, gt=0)
+    # Failed sign-ins: after login_slow_after failures each attempt waits (1 s, doubling to
+    # 8 s); after login_lock_after for one user name, or login_lock_after_per_address from one
+    # client address, within login_lockout_minutes, attempts are refused for that long (429).
+    login_slow_after: int = Field(3, ge=1)
+    login_lock_after: int = Field(10, ge=1)
+    login_lock_after_per_address: int = Field(30, ge=1)
+    login_lockout_minutes: float = Field(15.0, gt=0)
     tls_cert: str = ""  # serve HTTPS (and mark cookies Secure) when set
     tls_key: str = ""
     # Where rendered thumbnails and heat maps are cached.

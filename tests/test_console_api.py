@@ -22,6 +22,7 @@ from mriqa_node.console.app import ConsoleContext, create_app, load_session_secr
 from mriqa_node.console.live import LiveFeed
 from mriqa_node.console.metrics import VERDICT_BUCKETS
 from mriqa_node.db.models import Alert, Event, Role, SeriesVerdict
+from mriqa_node.domain.throttle import LoginThrottle, ThrottlePolicy
 from mriqa_node.phantom import synth_series
 from mriqa_node.services.alerts import AlertService
 from mriqa_node.services.images import SliceImages
@@ -289,6 +290,35 @@ def test_browser_session_login_and_csrf(console: Console) -> None:
         assert c.client.get(path).status_code == 200, path
     assert c.client.post("/logout", data={"csrf_token": token}).status_code == 303
     assert c.client.get("/api/me").status_code == 401
+
+
+def test_failed_sign_ins_are_refused_for_a_while_per_user_and_per_address(
+    console: Console, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = console
+    c.client.app.state.throttle = LoginThrottle(ThrottlePolicy(
+        slow_after=100, lock_after=3, lock_after_per_address=5, lockout_seconds=600))  # fmt: skip
+
+    def sign_in(name: str, password: str):
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', c.client.get("/login").text)[1]
+        return c.client.post("/login", data={"username": name, "password": password,
+                                             "csrf_token": csrf})  # fmt: skip
+
+    caplog.set_level("WARNING", logger="mriqa_node.console.app")
+    assert [sign_in("technologist", f"guess-{i}").status_code for i in range(3)] == [200] * 3
+    refused = sign_in("technologist", PASSWORD)  # even the right password, for a while
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "600"
+    assert "Too many failed sign-ins. Try again in 10 min." in refused.text
+    assert c.client.get("/api/me").status_code == 401
+    assert sign_in("radiologist", PASSWORD).status_code == 303  # another name is not locked
+    assert [sign_in("admin", "nope").status_code for _ in range(2)] == [200, 200]
+    assert sign_in("technologist", PASSWORD).status_code == 429
+    assert sign_in("admin", PASSWORD).status_code == 429  # the address made 5 failures
+    logged = caplog.text
+    assert "failed sign-in for user 'technologist' from testclient" in logged
+    assert "user name refused for a while" in logged and "address refused" in logged
+    assert "sign-in refused for user 'admin' from testclient: too many failures" in logged
+    assert "guess-" not in logged and PASSWORD not in logged and "nope" not in logged
 
 
 def test_live_feed_replays_and_pushes_events(console: Console) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mriqa_node.domain.completion import CompletionRule
+from mriqa_node.domain.throttle import MAX_KEYS, Decision, LoginThrottle, ThrottlePolicy
 from mriqa_node.domain.verdict import (
     DIAGNOSTIC,
     EXCELLENT,
@@ -311,3 +312,53 @@ def test_pull_plan_keeps_mr_and_moves_a_mixed_study_series_by_series() -> None:
     assert (merged.status, merged.completed, merged.failed) == (0xB000, 4, 2)
     assert merged.failed_sop_instance_uids == ["x", "y"] and not merged.ok
     assert MoveResult.merged([MoveResult(0, 2), MoveResult(0, 5)]).ok
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_throttle_slows_then_locks_a_user_name_and_forgets_after_the_lockout() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(ThrottlePolicy(slow_after=2, lock_after=5, lockout_seconds=600,
+                                            window_seconds=600), clock)  # fmt: skip
+    delays = []
+    for _ in range(5):
+        decision = throttle.check("Alice", "10.0.0.1")
+        assert not decision.refused
+        delays.append(decision.delay)
+        locked = throttle.failed("Alice", "10.0.0.1")
+    assert delays == [0, 0, 1, 2, 4] and locked == ["user name"]
+    refused = throttle.check(" alice ", "10.0.0.2")  # the name, from any address
+    assert refused.refused and refused.refused_for == 600 and "user name" in refused.reason
+    assert not throttle.check("bob", "10.0.0.1").refused  # other names are not locked
+    clock.now += 601
+    assert throttle.check("alice", "10.0.0.1") == Decision()  # counted afresh
+
+
+def test_login_throttle_locks_an_address_trying_many_names_and_success_keeps_its_count() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(ThrottlePolicy(slow_after=100, lock_after=3,
+                                            lock_after_per_address=4), clock)  # fmt: skip
+    for name in ("a", "b", "c"):
+        throttle.failed(name, "10.0.0.9")
+    throttle.succeeded("a")  # the attacker's own account: clears "a", not the address
+    assert throttle.failed("d", "10.0.0.9") == ["address"]
+    assert throttle.check("e", "10.0.0.9").refused
+    assert not throttle.check("e", "10.0.0.8").refused
+
+
+def test_login_throttle_forgets_old_failures_and_bounds_its_memory() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(ThrottlePolicy(slow_after=1, window_seconds=60), clock)
+    throttle.failed("a", "x")
+    assert throttle.check("a", "x").delay == 1
+    clock.now += 61
+    assert throttle.check("a", "y").delay == 0
+    for i in range(MAX_KEYS + 10):  # random names cannot grow it without bound
+        throttle.failed(f"user{i}", "x")
+    assert len(throttle._failures) <= MAX_KEYS + 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
@@ -32,6 +34,7 @@ from mriqa_node.console.auth import CurrentUser, LoginRequired, check_csrf, csrf
 from mriqa_node.console.live import LiveFeed
 from mriqa_node.console.metrics import registry_for
 from mriqa_node.db.models import AckAction
+from mriqa_node.domain.throttle import LoginThrottle, ThrottlePolicy
 from mriqa_node.services import queries
 from mriqa_node.services.alerts import AlertConflict, AlertNotFound, AlertService
 from mriqa_node.services.forwarding import ForwardQueue
@@ -41,6 +44,7 @@ from mriqa_node.services.users import ACK_ROLES, ADMIN_ROLES, RATE_ROLES, Princi
 from mriqa_node.spool import Spool
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["add_one"] = lambda i: i + 1  # 0-based slice indexes, 1-based for people
 templates.env.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t else ""
@@ -268,10 +272,29 @@ async def login(
     next: Annotated[str, Form()] = "/",
 ) -> Response:
     await check_csrf(request)
-    user = await asyncio.to_thread(ctx.users.authenticate, username, password)
+    throttle: LoginThrottle = request.app.state.throttle
+    address = request.client.host if request.client else "unknown"
+    name = username.strip()[:64]
+    decision = throttle.check(name, address)
+    if decision.refused:
+        minutes = max(1, math.ceil(decision.refused_for / 60))
+        log.warning("sign-in refused for user %r from %s: %s (%d s left)",
+                    name, address, decision.reason, decision.refused_for)  # fmt: skip
+        error = f"Too many failed sign-ins. Try again in {minutes} min."
+        response = _page(request, "login.html", None, next=_local(next), error=error)
+        response.status_code = status.HTTP_429_TOO_MANY_REQUESTS
+        response.headers["Retry-After"] = str(math.ceil(decision.refused_for))
+        return response
+    if decision.delay:
+        await asyncio.sleep(decision.delay)
+    user = await asyncio.to_thread(ctx.users.authenticate, name, password)
     if user is None:
+        locked = throttle.failed(name, address)
+        log.warning("failed sign-in for user %r from %s%s", name, address,
+                    f"; {' and '.join(locked)} refused for a while" if locked else "")  # fmt: skip
         return _page(request, "login.html", None, next=_local(next),
                      error="Wrong user name or password.")  # fmt: skip
+    throttle.succeeded(name)
     request.session.clear()  # a fresh session (and CSRF token) for the signed-in user
     request.session.update(user_id=user.id, csrf=secrets.token_urlsafe(32))
     return RedirectResponse(_local(next), status_code=303)
@@ -376,6 +399,13 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
     app.state.ctx = ctx
     app.state.live = live
     console = ctx.settings.console
+    app.state.throttle = LoginThrottle(ThrottlePolicy(
+        slow_after=console.login_slow_after,
+        lock_after=console.login_lock_after,
+        lock_after_per_address=console.login_lock_after_per_address,
+        lockout_seconds=console.login_lockout_minutes * 60,
+        window_seconds=console.login_lockout_minutes * 60,
+    ))  # fmt: skip
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret,
