@@ -104,8 +104,12 @@ class StoreSCP:
             ssl_context=self._ssl_context(),
         )
         assert server is not None
-        # socketserver calls this for every accepted connection before any DICOM is read.
+        # socketserver calls these for every accepted connection: accept (and wrap for TLS)
+        # in the listening thread, check the peer there, then serve it in a thread of its own.
+        server.get_request = self._accept  # type: ignore[method-assign]
         server.verify_request = self._verify_connection  # type: ignore[method-assign]
+        self._serve = server.process_request_thread
+        server.process_request_thread = self._serve_connection  # type: ignore[method-assign]
         self.server = server
         log.info(
             "DICOM SCP %s listening on %s:%d%s; allowed callers: %s",
@@ -122,6 +126,33 @@ class StoreSCP:
             self.server.shutdown()
             self.server = None
 
+    def _accept(self) -> tuple[socket.socket, Any]:
+        """Accept without the TLS handshake, which pynetdicom does here, in the listening
+        thread: one client that connects and stays silent would stop every other one."""
+        assert self.server is not None and self.server.socket is not None
+        sock, address = self.server.socket.accept()
+        context = self.server.ssl_context
+        if context is not None:
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def _serve_connection(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: bound every read (a peer that stops halfway
+        through a PDU would otherwise hold its thread and slot for good), then shake hands."""
+        ip = _ip(client_address)
+        try:
+            request.settimeout(self.config.acse_timeout_seconds)
+            if isinstance(request, ssl.SSLSocket):
+                request.do_handshake()
+            request.settimeout(self.config.network_timeout_seconds)
+        except OSError as exc:
+            log.warning("refused TLS connection from %s: %s", ip, _short(exc) or "timed out")
+            self._release(ip)
+            assert self.server is not None
+            self.server.shutdown_request(request)
+            return
+        self._serve(request, client_address)
+
     def _verify_connection(self, request: Any, client_address: Any) -> bool:
         # Nagle's algorithm stalls each C-STORE response ~40 ms against delayed ACKs.
         try:
@@ -129,7 +160,7 @@ class StoreSCP:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        ip = _ip(client_address)
         if self.config.allowed_ips and ip not in self.config.allowed_ips:
             log.warning("refused connection from %s: address not allowed", ip)
             return False
@@ -218,12 +249,18 @@ class StoreSCP:
 
     def handle_closed(self, event: evt.Event) -> None:
         self._series_by_assoc.pop(id(event.assoc), None)
-        ip = event.assoc.requestor.address
+        self._release(event.assoc.requestor.address)
+
+    def _release(self, ip: str) -> None:
         with self._peer_lock:
             if self._open_by_peer[ip] > 1:
                 self._open_by_peer[ip] -= 1
             else:
                 self._open_by_peer.pop(ip, None)
+
+
+def _ip(client_address: Any) -> str:
+    return client_address[0] if isinstance(client_address, tuple) else str(client_address)
 
 
 def _short(exc: BaseException) -> str:
