@@ -3,7 +3,10 @@ real node processes, DCMTK (the peers themselves are in tests/peers.py, shared w
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,8 +23,10 @@ from mriqa_node.services.intake import Intake
 from mriqa_node.services.scoring import WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import Spool
+from tests import phi
 from tests.peers import (
     DCMTK_ENV,
+    NODE_LOGS,
     NodeProcess,
     dcmtk_tool,
     free_port,
@@ -30,6 +35,41 @@ from tests.peers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+IN_PROCESS_LOG = Path(tempfile.gettempdir()) / f"mriqa-tests-{os.getpid()}.log"
+_LOG_HANDLER = pytest.StashKey[logging.Handler]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Keep every record the node logs in this process (INFO and up) for the scan below."""
+    handler = logging.FileHandler(IN_PROCESS_LOG, mode="w", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    session.config.stash[_LOG_HANDLER] = handler
+    for name in ("mriqa_node", "training"):
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any log the node wrote holds a patient name or ID of the test data."""
+    handler = session.config.stash[_LOG_HANDLER]
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+    findings = phi.scan([IN_PROCESS_LOG, *NODE_LOGS], phi.identifiers())
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if findings:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines = [f"{f.log}:{f.line}: {f.identifier!r}" for f in findings[:20]]
+        message = "patient names or IDs in the node's logs:\n" + "\n".join(lines)
+    else:
+        message = f"no patient names or IDs in {1 + len(set(NODE_LOGS))} logs of the node"
+        IN_PROCESS_LOG.unlink(missing_ok=True)
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(message, red=bool(findings))
+
+
 SHARED_INTAKE = REPO.parent / "shared" / "data" / "intake"
 TINY_WIDTHS = (4, 8, 8, 16)  # same architecture as the paper's ConvNet, a fraction of the cost
 IDLE, GRACE = 5.0, 1.0  # the env fixture's completion rule: idle and release-grace seconds

@@ -88,6 +88,9 @@ def throwaway_postgres(prefix: str = "mriqa_test") -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+NODE_LOGS: list[Path] = []  # every node child process's log, for the suite's patient-data scan
+
+
 class NodeProcess:
     """`mriqa serve` (or ``start_args``) as a real child process, stopped by its own PID."""
 
@@ -103,6 +106,7 @@ class NodeProcess:
         env = {**os.environ, "MRIQA_CONFIG": str(self.config), "TF_CPP_MIN_LOG_LEVEL": "2",
                **self.env}  # fmt: skip
         self._log = self.log_path.open("ab")
+        NODE_LOGS.append(self.log_path)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mriqa_node.cli", *self.start_args], env=env,
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from mriqa_node.phantom import synth_series, write_series
 from training import data as data_mod
@@ -339,8 +340,11 @@ def test_model_learns_motion_on_held_out_patients(
     assert list(preds["rater_names"]) == ["rater1", "rater2"]
     np.testing.assert_array_equal(preds["test_labels"], preds["test_truth"] > 0)
     assert set(preds["test_labels"]) == {0, 1}
+    # Ranking is what it learns first; the 0.5 cut also depends on the prior (edge slices of a
+    # moving series move little). Chance is 0.5 for both.
+    auc = roc_auc_score(preds["test_labels"], preds["test_probs"][:, 1])
     accuracy = (preds["test_probs"].argmax(axis=1) == preds["test_labels"]).mean()
-    assert accuracy >= 0.85, accuracy  # chance is 0.5
+    assert auc >= 0.95 and accuracy >= 0.8, (auc, accuracy)
     history = read_history(run)
     assert history[-1]["step"] == steps and history[-1]["val_acc"] >= 0.85
 
