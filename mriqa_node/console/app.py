@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
@@ -73,6 +74,11 @@ Ctx = Annotated[ConsoleContext, Depends(_ctx)]
 Acker = Annotated[Principal, Depends(require(*ACK_ROLES))]
 Rater = Annotated[Principal, Depends(require(*RATE_ROLES))]
 Admin = Annotated[Principal, Depends(require(*ADMIN_ROLES))]
+# Numbers from outside are bounded before they reach the database (PostgreSQL's integer) or
+# the image renderer; an unbounded one was a 500 (OverflowError), a huge size a memory bomb.
+MAX_DB_INT = 2**31 - 1
+RowId = Annotated[int, PathParam(ge=0, le=MAX_DB_INT)]
+ThumbSize = Annotated[int, Query(ge=16, le=1024)]
 
 
 class AckRequest(BaseModel):
@@ -84,7 +90,7 @@ class RatingRequest(BaseModel):
     series_uid: str
     value: int = Field(ge=0, le=2, description="0 non-diagnostic, 1 diagnostic, 2 excellent")
     sop_instance_uid: str | None = Field(None, description="omit to rate the whole series")
-    frame: int = Field(0, ge=0)
+    frame: int = Field(0, ge=0, le=MAX_DB_INT)
 
 
 # -- JSON API ------------------------------------------------------------------------------------
@@ -102,7 +108,7 @@ def list_series(
     ctx: Ctx,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
 ) -> dict[str, Any]:
     """Newest series first, with state, verdict and any open alert."""
     return {
@@ -122,7 +128,12 @@ def get_series(series_uid: str, ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
 
 @api.get("/series/{series_uid}/slices/{instance_id}/{frame}/image.png")
 def slice_image(
-    series_uid: str, instance_id: int, frame: int, ctx: Ctx, user: CurrentUser, size: int = 192
+    series_uid: str,
+    instance_id: RowId,
+    frame: RowId,
+    ctx: Ctx,
+    user: CurrentUser,
+    size: ThumbSize = 192,
 ) -> Response:
     """The slice as the model saw it (windowed), as a PNG."""
     return _png(lambda: ctx.images.thumbnail(series_uid, instance_id, frame, size))
@@ -130,7 +141,12 @@ def slice_image(
 
 @api.get("/series/{series_uid}/slices/{instance_id}/{frame}/heatmap.png")
 def slice_heat_map(
-    series_uid: str, instance_id: int, frame: int, ctx: Ctx, user: CurrentUser, size: int = 192
+    series_uid: str,
+    instance_id: RowId,
+    frame: RowId,
+    ctx: Ctx,
+    user: CurrentUser,
+    size: ThumbSize = 192,
 ) -> Response:
     """Grad-CAM overlay (RGBA PNG): where the model saw the artifact."""
     return _png(lambda: ctx.images.heat_map(series_uid, instance_id, frame, size))
@@ -156,7 +172,7 @@ def list_alerts(
 
 
 @api.post("/alerts/{alert_id}/ack")
-def acknowledge(alert_id: int, body: AckRequest, ctx: Ctx, user: Acker) -> dict[str, Any]:
+def acknowledge(alert_id: RowId, body: AckRequest, ctx: Ctx, user: Acker) -> dict[str, Any]:
     """Acknowledge an open alert: rescanned, accepted (anyway) or disagree."""
     try:
         return ctx.alerts.acknowledge(alert_id, user, body.action, body.comment)
@@ -219,12 +235,14 @@ def forwarding(
 
 @api.get("/events", response_class=EventSourceResponse)
 async def events(
-    request: Request, user: CurrentUser, after: int | None = None
+    request: Request,
+    user: CurrentUser,
+    after: Annotated[int | None, Query(ge=0, le=MAX_DB_INT)] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Live feed (server-sent events): verdict, alert, alert_acknowledged, series_complete,
     progress. Reconnects resume after Last-Event-ID."""
     resume = request.headers.get("last-event-id")
-    start = int(resume) if resume and resume.isdigit() else after
+    start = int(resume) if resume and resume.isdigit() and int(resume) <= MAX_DB_INT else after
     async for message in request.app.state.live.subscribe(start):
         ident = message.get("id")
         yield ServerSentEvent(data=message, event=message["kind"],
