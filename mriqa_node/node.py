@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from mriqa_node.config import Settings
 from mriqa_node.db import migrate
@@ -212,8 +213,14 @@ class Node:
         from mriqa_node.dicom.forward import StoreSender
         from mriqa_node.services.forwarding import Forwarder, ForwardQueue
 
+        queue = ForwardQueue(self.sessions, self.reads)
+        try:
+            if released := queue.release_dead_claims(socket.gethostname()):
+                log.info("took back %d forward job(s) claimed by a process that died", released)
+        except SQLAlchemyError as exc:  # the claims then expire instead
+            log.warning("could not take back dead processes' forward claims: %s", exc)
         return Forwarder(
-            ForwardQueue(self.sessions, self.reads),
+            queue,
             self.settings.pacs.destinations,
             StoreSender(self.spool, self.settings.dicom.ae_title),
             worker_id=f"{socket.gethostname()}:{os.getpid()}",

@@ -21,23 +21,12 @@ import pydicom
 
 from mriqa_node.ml.scorer import Scorer
 from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
+from mriqa_node.services.claims import process_alive
 from mriqa_node.services.scoring import Claim, InstanceResult, WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import Spool
 
 log = logging.getLogger(__name__)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -102,7 +91,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.wake = wake or threading.Event()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        released = queue.release_dead_claims(socket.gethostname(), _pid_alive)
+        released = queue.release_dead_claims(socket.gethostname(), process_alive)
         if released:
             log.info("took back %d claim(s) of a worker that died on this host", released)
         self.model_version_id = queue.model_version_id(scorer.meta.to_json())

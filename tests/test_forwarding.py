@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import time
 from datetime import timedelta
@@ -108,6 +109,22 @@ def test_claim_order_outcomes_and_retries(env: Env) -> None:
     summary = {r["destination"]: r for r in queue.summary()}
     assert summary["pacs"]["sent"] == 2 and summary["pacs"]["failed"] == 1
     assert summary["pacs"]["pending"] == 1 and summary["pacs"]["last_error"] == "x"
+
+
+def test_jobs_of_a_killed_local_lane_are_given_back_at_once(env: Env) -> None:
+    routed(env, ForwardRule("pacs"))
+    for seed in (7, 8, 9):
+        for ds in synth_series(2, size=32, seed=seed):
+            store(env, ds)
+    queue, host, me = ForwardQueue(env.sessions), socket.gethostname(), os.getpid()
+    dead, remote = f"{host}:{2**22 + 7}", f"otherhost:{2**22 + 7}"
+    first, second = queue.claim("pacs", 10, dead), queue.claim("pacs", 10, remote)
+    third = queue.claim("pacs", 10, f"{host}:{me}")
+    assert len(first) == len(second) == len(third) == 2
+    assert queue.claim("pacs", 10, "new:1") == []  # every series is claimed
+    assert queue.release_dead_claims(host, lambda pid: pid == me) == 2
+    assert [j.id for j in queue.claim("pacs", 10, "new:1")] == [j.id for j in first]
+    assert queue.release_dead_claims(host, lambda pid: pid == me) == 0
 
 
 def test_lanes_send_different_series_and_each_series_in_order(env: Env) -> None:

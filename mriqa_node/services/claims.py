@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import select
@@ -23,3 +25,29 @@ def lock_oldest(session: Session, id_column: Any, where: Any, limit: int) -> lis
             .with_for_update(skip_locked=True)
         )
     )
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_holders(
+    holders: Iterable[str], hostname: str, alive: Callable[[int], bool] = process_alive
+) -> list[str]:
+    """Claim holders (``host:pid[:...]``) of this host whose process is gone (killed): their
+    claims can be given back at once instead of when they expire."""
+    dead = []
+    for holder in holders:
+        host, _, rest = holder.partition(":")
+        pid = rest.split(":")[0]
+        if host == hostname and pid.isdigit() and not alive(int(pid)):
+            dead.append(holder)
+    return dead

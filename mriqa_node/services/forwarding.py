@@ -25,7 +25,7 @@ from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import ForwardJob, ForwardState
 from mriqa_node.db.sql import insert_ignore, now_utc
 from mriqa_node.domain import retry
-from mriqa_node.services.claims import lock_oldest
+from mriqa_node.services.claims import dead_holders, lock_oldest, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,27 @@ class ForwardQueue:
                            j.spool_path, j.attempts)
             ).all()  # fmt: skip
         return sorted((Job(*row) for row in rows), key=lambda job: job.id)
+
+    def release_dead_claims(
+        self, hostname: str, alive: Callable[[int], bool] = process_alive
+    ) -> int:
+        """Give back at once the jobs that a killed process of this host had claimed (its
+        lane died mid-batch), instead of after CLAIM_SECONDS."""
+        j = ForwardJob
+        with self.sessions.begin() as session:
+            holders = session.scalars(
+                select(j.claimed_by)
+                .where(j.state == ForwardState.pending, j.claimed_by.like(f"{hostname}:%"))
+                .distinct()
+            ).all()
+            dead = dead_holders(holders, hostname, alive)
+            if not dead:
+                return 0
+            return session.execute(
+                update(j)
+                .where(j.state == ForwardState.pending, j.claimed_by.in_(dead))
+                .values(claimed_by=None, claim_expires_at=None)
+            ).rowcount
 
     def record(
         self,

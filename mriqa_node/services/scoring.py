@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
 from mriqa_node.db.sql import now_utc
-from mriqa_node.services.claims import lock_oldest
+from mriqa_node.services.claims import dead_holders, lock_oldest
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class WorkQueue:
                 )
                 .distinct()
             ).all()
-            dead = [h for h in holders if not alive(int(h.split(":")[1]))]
+            dead = dead_holders(holders, hostname, alive)
             if not dead:
                 return 0
             return session.execute(
