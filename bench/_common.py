@@ -230,8 +230,9 @@ class NodeServer(Server):
         self.config_path = workdir / "node.toml"
         self.config_path.write_text(tomli_w.dumps(base))
 
-    def start(self, timeout: float = 120.0) -> NodeServer:
+    def start(self, timeout: float = 120.0, args: Sequence[str] = ("serve",)) -> NodeServer:
         process = NodeProcess(self.config_path, self.port, self.log_path, env=NODE_ENV)
+        process.start_args = list(args)
         try:
             process.start(timeout)
         except (RuntimeError, TimeoutError) as exc:
