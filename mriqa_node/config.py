@@ -52,6 +52,9 @@ class DicomConfig(_Section):
     acse_timeout_seconds: float = Field(10.0, gt=0)
     network_timeout_seconds: float = Field(60.0, gt=0)
     max_pdu: int = Field(0, ge=0, description="0: unlimited")
+    # The largest instance taken: a bigger one (or a PDU declaring more) closes the connection
+    # before it is held in memory. Memory for datasets in flight <= max_associations times it.
+    max_instance_mb: int = Field(1024, ge=1)
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""  # when set, peers must present a certificate signed by this CA

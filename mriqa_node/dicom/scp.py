@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mriqa_node.config import DicomConfig
 from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, parse_header
+from mriqa_node.dicom.limits import metered, metered_socket_classes
 from mriqa_node.services.intake import Intake
 from mriqa_node.spool import SpoolError
 
@@ -75,6 +76,9 @@ class StoreSCP:
         self._open_by_peer: Counter[str] = Counter()
         self._peer_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
+        max_dataset = config.max_instance_mb * 2**20
+        max_pdu = max(config.max_pdu, 2**20) if config.max_pdu else max_dataset + 2**20
+        self._socket_class, self._ssl_socket_class = metered_socket_classes(max_pdu, max_dataset)
 
     def make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
@@ -132,9 +136,9 @@ class StoreSCP:
         assert self.server is not None and self.server.socket is not None
         sock, address = self.server.socket.accept()
         context = self.server.ssl_context
-        if context is not None:
-            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
+        if context is None:
+            return metered(sock, self._socket_class), address
+        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
     def _serve_connection(self, request: Any, client_address: Any) -> None:
         """In the connection's own thread: bound every read (a peer that stops halfway
@@ -182,6 +186,7 @@ class StoreSCP:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
+        context.sslsocket_class = self._ssl_socket_class  # decrypted bytes are metered
         if self.config.tls_ca:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cafile=self.config.tls_ca)
