@@ -6,17 +6,25 @@ ships) with a few random mutations: bit flips, overwritten and inserted bytes, t
 repeated chunks, and element lengths set to odd or huge values. Each goes through what the node
 does with a received file: the header as the receiver parses it, then the worker's
 ``prepare_data``, which must return a result or a reason and never raise.
+
+For the network (tests/test_network_limits.py, stress/fuzz_network.py): a real A-ASSOCIATE-RQ,
+recorded from pynetdicom, broken in the same spirit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import struct
+import threading
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, Verification
 
 from mriqa_node.dicom.headers import parse_header
 from mriqa_node.services.scoring import Claim
@@ -111,3 +119,59 @@ def ingest(data: bytes, size: int = 64) -> str:
     if prepared.frames is not None:
         return f"{header}, scored"
     return f"{header}, not scored: {(prepared.reason or '').split(':')[0][:40]}"
+
+
+# -- the network: association requests ----------------------------------------------------------
+
+
+def recorded_request(calling_aet: str = "STORESCU") -> bytes:
+    """The bytes of a real A-ASSOCIATE-RQ: pynetdicom associating with a socket that only
+    listens."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    got = bytearray()
+
+    def take() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                got.extend(chunk)
+        conn.close()
+
+    t = threading.Thread(target=take)
+    t.start()
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = 1.5
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MRImageStorage)
+    ae.associate("127.0.0.1", port, ae_title="MRIQA")
+    t.join()
+    listener.close()
+    return bytes(got)
+
+
+def mutate_request(request: bytes, rng: random.Random) -> bytes:
+    """A real A-ASSOCIATE-RQ broken in one of several ways (or replaced by garbage)."""
+    b = bytearray(request)
+    kind = rng.randrange(6)
+    if kind == 0:  # bit flips
+        for _ in range(rng.randrange(1, 8)):
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+    elif kind == 1:  # truncated
+        del b[rng.randrange(1, len(b)) :]
+    elif kind == 2:  # a length field (PDU or item) set to something else
+        i = rng.choice([2, *range(74, len(b) - 4, 7)])
+        b[i : i + 4] = struct.pack(">L", rng.choice([0, 1, len(b), 2**16, 2**31, 2**32 - 1]))
+    elif kind == 3:  # garbage
+        return rng.randbytes(rng.randrange(1, 2000))
+    elif kind == 4:  # a valid request, then broken P-DATA-TF PDUs
+        for _ in range(rng.randrange(1, 4)):
+            body = rng.randbytes(rng.randrange(0, 300))
+            b += struct.pack(">BxL", 4, rng.choice([len(body), len(body) + 10, 2**31]))
+            b += body
+    else:  # bytes inserted
+        i = rng.randrange(len(b))
+        b[i:i] = rng.randbytes(rng.randrange(1, 50))
+    return bytes(b)

@@ -31,7 +31,19 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3, not psycopg2
-    return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=10,
+                         connect_args=POSTGRES_CONNECT_ARGS)  # fmt: skip
+
+
+# A host cut off from the server (a partition, not a reset) must not hold row locks or claims
+# until TCP gives up hours later: the server ends a session idle inside a transaction after
+# 60 s and probes silent clients after 10 s; the client probes the server likewise.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "options": "-c idle_in_transaction_session_timeout=60000 -c tcp_keepalives_idle=10"
+               " -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+}  # fmt: skip
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

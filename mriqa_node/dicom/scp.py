@@ -7,11 +7,12 @@ set does not match SOP class, 0xC210 cannot understand, 0xC211 unexpected error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
 import threading
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any
 
 from pydicom.uid import (
@@ -71,9 +72,10 @@ class StoreSCP:
         self.config = config
         self.intake = intake
         self._series_by_assoc: dict[int, set[str]] = defaultdict(set)
-        # Connections open per peer address: counted at accept, released when the socket
-        # closes (pynetdicom registers the association only later, in its own thread).
-        self._open_by_peer: Counter[str] = Counter()
+        # Sockets open per peer address, taken at accept and pruned once closed. Not counted
+        # by events: a malformed request can kill pynetdicom's reactor thread (InvalidEventError
+        # in its state machine), and then no connection-closed event ever comes.
+        self._open_by_peer: dict[str, list[socket.socket]] = {}
         self._peer_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
         max_dataset = config.max_instance_mb * 2**20
@@ -151,28 +153,25 @@ class StoreSCP:
             request.settimeout(self.config.network_timeout_seconds)
         except OSError as exc:
             log.warning("refused TLS connection from %s: %s", ip, _short(exc) or "timed out")
-            self._release(ip)
             assert self.server is not None
-            self.server.shutdown_request(request)
+            self.server.shutdown_request(request)  # closed: its slot is free
             return
         self._serve(request, client_address)
 
     def _verify_connection(self, request: Any, client_address: Any) -> bool:
         # Nagle's algorithm stalls each C-STORE response ~40 ms against delayed ACKs.
-        try:
-            sock = request if isinstance(request, socket.socket) else request[1]
+        sock = request if isinstance(request, socket.socket) else request[1]
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         ip = _ip(client_address)
         if self.config.allowed_ips and ip not in self.config.allowed_ips:
             log.warning("refused connection from %s: address not allowed", ip)
             return False
         limit = self.config.max_associations_per_peer
         with self._peer_lock:
-            from_peer = self._open_by_peer[ip]
+            from_peer = len(self._prune(ip))
             if from_peer < limit:
-                self._open_by_peer[ip] += 1
+                self._open_by_peer.setdefault(ip, []).append(sock)
                 return True
         log.warning(
             "refused connection from %s: %d connections already open from it"
@@ -254,14 +253,19 @@ class StoreSCP:
 
     def handle_closed(self, event: evt.Event) -> None:
         self._series_by_assoc.pop(id(event.assoc), None)
-        self._release(event.assoc.requestor.address)
 
-    def _release(self, ip: str) -> None:
+    def open_connections(self, ip: str) -> int:
         with self._peer_lock:
-            if self._open_by_peer[ip] > 1:
-                self._open_by_peer[ip] -= 1
-            else:
-                self._open_by_peer.pop(ip, None)
+            return len(self._prune(ip))
+
+    def _prune(self, ip: str) -> list[socket.socket]:
+        """The peer's sockets still open (call with the lock held)."""
+        alive = [s for s in self._open_by_peer.get(ip, []) if s.fileno() != -1]
+        if alive:
+            self._open_by_peer[ip] = alive
+        else:
+            self._open_by_peer.pop(ip, None)
+        return alive
 
 
 def _ip(client_address: Any) -> str:
