@@ -66,7 +66,7 @@ def test_hostile_peers_are_cut_off_and_the_scanner_is_served_throughout(
 ) -> None:
     node = start_node(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir,
                       max_instance_mb=1, acse_timeout_seconds=2.0, network_timeout_seconds=2.0,
-                      max_associations_per_peer=3)  # fmt: skip
+                      max_associations=6, max_associations_per_peer=3)  # fmt: skip
     port = node.settings.dicom.port
     rng = random.Random(5)
     try:
@@ -103,10 +103,23 @@ def test_hostile_peers_are_cut_off_and_the_scanner_is_served_throughout(
         assoc.abort()
         assert rows(node) == {}
 
+        # Silent connections from many addresses fill every slot: the oldest are closed to
+        # make room (after a second), so the scanner still gets in while they wait.
+        silent = []
+        for i in range(2, 22):
+            for _ in range(2):
+                s = socket.socket()
+                s.bind((f"127.0.2.{i}", 0))
+                s.connect(("127.0.0.1", port))
+                silent.append(s)
+        time.sleep(1.5)
         datasets = synth_series(3, size=64, seed=48)
-        assert send(node, datasets).sent == 3  # the scanner, after all of the above
+        assert send(node, datasets).sent == 3  # the scanner, after (and beside) all of the above
+        for s in silent:
+            s.close()
         assert set(rows(node)) == {str(ds.SOPInstanceUID) for ds in datasets}
         assert "declares 4,294,967,280 bytes, more than the" in caplog.text
         assert "a dataset of more than 1,048,576 bytes ([dicom] max_instance_mb)" in caplog.text
+        assert "that never associated, to make room" in caplog.text
     finally:
         node.stop()

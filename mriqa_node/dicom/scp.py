@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -59,6 +60,7 @@ TRANSFER_SYNTAXES = [
     JPEGExtended12Bit,
 ]
 
+IDLE_EVICTABLE = 1.0  # seconds after accept; a real peer sends its request within milliseconds
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
@@ -76,6 +78,7 @@ class StoreSCP:
         # by events: a malformed request can kill pynetdicom's reactor thread (InvalidEventError
         # in its state machine), and then no connection-closed event ever comes.
         self._open_by_peer: dict[str, list[socket.socket]] = {}
+        self._accepted_at: dict[int, float] = {}  # id(socket) -> when it was accepted
         self._peer_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
         max_dataset = config.max_instance_mb * 2**20
@@ -85,7 +88,10 @@ class StoreSCP:
     def make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
-        ae.maximum_associations = self.config.max_associations
+        # The node enforces max_associations at accept (making room by closing connections
+        # that never asked to associate); pynetdicom's own check, at the request, would count
+        # those silent connections too and refuse a scanner while they wait to time out.
+        ae.maximum_associations = 2 * self.config.max_associations
         ae.acse_timeout = self.config.acse_timeout_seconds  # also the wait for the request
         ae.network_timeout = self.config.network_timeout_seconds
         ae.require_calling_aet = list(self.config.allowed_calling_aets)
@@ -171,8 +177,14 @@ class StoreSCP:
         with self._peer_lock:
             from_peer = len(self._prune(ip))
             if from_peer < limit:
-                self._open_by_peer.setdefault(ip, []).append(sock)
-                return True
+                if self._room_for_one():
+                    self._open_by_peer.setdefault(ip, []).append(sock)
+                    self._accepted_at[id(sock)] = time.monotonic()
+                    return True
+                most = self.config.max_associations
+                log.warning("refused connection from %s: %d connections open, none idle"
+                            " ([dicom] max_associations)", ip, most)  # fmt: skip
+                return False
         log.warning(
             "refused connection from %s: %d connections already open from it"
             " ([dicom] max_associations_per_peer = %d)", ip, from_peer, limit,
@@ -260,12 +272,46 @@ class StoreSCP:
 
     def _prune(self, ip: str) -> list[socket.socket]:
         """The peer's sockets still open (call with the lock held)."""
-        alive = [s for s in self._open_by_peer.get(ip, []) if s.fileno() != -1]
+        alive = []
+        for s in self._open_by_peer.get(ip, []):
+            if s.fileno() != -1:
+                alive.append(s)
+            else:
+                self._accepted_at.pop(id(s), None)
         if alive:
             self._open_by_peer[ip] = alive
         else:
             self._open_by_peer.pop(ip, None)
         return alive
+
+    def _room_for_one(self) -> bool:
+        """Below max_associations, or made so by closing the oldest connection that has not
+        associated within IDLE_EVICTABLE seconds (call with the lock held)."""
+        open_now = [s for ip in list(self._open_by_peer) for s in self._prune(ip)]
+        if len(open_now) < self.config.max_associations:
+            return True
+        assert self.server is not None
+        established = {
+            id(a.dul.socket.socket)
+            for a in self.server.active_associations
+            if a.is_established and a.dul.socket is not None
+        }
+        now = time.monotonic()
+        idle = [s for s in open_now if id(s) not in established
+                and now - self._accepted_at.get(id(s), now) > IDLE_EVICTABLE]  # fmt: skip
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: self._accepted_at.get(id(s), now))
+        with contextlib.suppress(OSError):
+            log.warning("closing a connection from %s that never associated, to make room",
+                        oldest.getpeername()[0])  # fmt: skip
+            oldest.shutdown(socket.SHUT_RDWR)  # pynetdicom reads the end and closes it
+        for socks in self._open_by_peer.values():
+            if oldest in socks:
+                socks.remove(oldest)
+                break
+        self._accepted_at.pop(id(oldest), None)
+        return True
 
 
 def _ip(client_address: Any) -> str:
