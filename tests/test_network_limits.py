@@ -49,6 +49,20 @@ def test_the_meter_counts_dataset_fragments_per_message_in_any_chunking() -> Non
         UpperLayerMeter(2000, 1000).feed(b"\x01\x00\xff\xff\xff\xff")  # the header is enough
 
 
+def test_the_meter_drops_a_pdu_that_trickles_in_and_not_one_that_flows() -> None:
+    meter = UpperLayerMeter(2**20, 2**20, patience_seconds=10)
+    request = pdu(1, b"r" * 400)
+    for t in range(11):  # one byte a second: let be for ten seconds
+        meter.feed(request[t : t + 1], now=1000.0 + t)
+    with pytest.raises(PeerExceedsLimit, match="a PDU trickles in: 6 bytes in 11 s"):
+        meter.feed(request[11:12], now=1011.0)
+    flowing = UpperLayerMeter(2**20, 2**20, patience_seconds=10)
+    big = pdu(4, pdv(b"d" * 300_000, last=True))  # 300 kB in 30 s: 10 kB/s is enough
+    for k in range(30):
+        flowing.feed(big[k * 10_000 : (k + 1) * 10_000], now=2000.0 + k)
+    flowing.feed(big[300_000:], now=2030.0)
+
+
 def _closed_by_node(sock: socket.socket, payload: bytes, within: float) -> float:
     """Send ``payload`` (as far as the node lets us) and return how long until it closes."""
     start = time.monotonic()

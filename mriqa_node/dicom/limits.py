@@ -5,7 +5,10 @@ and assembles a whole dataset in memory before the C-STORE handler runs. The rec
 sockets therefore read through a small streaming parser of the upper layer protocol: a PDU
 that declares more than the limit, or a dataset whose fragments add up to more than
 ``[dicom] max_instance_mb``, closes the connection at once, logged with the reason, before
-the bytes are kept. Reading stays pynetdicom's; only ``recv`` is observed.
+the bytes are kept; so does a PDU that trickles in slower than MIN_RATE once it has taken
+longer than the network timeout (pynetdicom's timers do not run while it waits inside a PDU,
+so one byte a second would hold a connection for as long as the declared length lasts).
+Reading stays pynetdicom's; only ``recv`` is observed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 P_DATA_TF = 0x04
 PDU_HEADER = 6  # type, reserved, 4-byte length
 PDV_HEADER = 6  # 4-byte length, presentation context id, message control header
+MIN_RATE = 8192  # bytes/s a PDU must average once it has taken longer than the patience
 
 
 class PeerExceedsLimit(OSError):
@@ -30,9 +35,14 @@ class PeerExceedsLimit(OSError):
 class UpperLayerMeter:
     """Fed every received byte in order; raises PeerExceedsLimit when a bound is passed."""
 
-    def __init__(self, max_pdu_bytes: int, max_dataset_bytes: int) -> None:
+    def __init__(
+        self, max_pdu_bytes: int, max_dataset_bytes: int, patience_seconds: float = 60.0
+    ) -> None:
         self.max_pdu_bytes = max_pdu_bytes
         self.max_dataset_bytes = max_dataset_bytes
+        self.patience_seconds = patience_seconds
+        self._pdu_started = 0.0
+        self._pdu_received = 0
         self._pdu_header = bytearray()
         self._pdu_left = 0
         self._pdu_type = 0
@@ -42,11 +52,14 @@ class UpperLayerMeter:
         self._pdv_last = False
         self.dataset_bytes = 0  # of the message being received
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         view, i = memoryview(data), 0
         while i < len(view):
             if self._pdu_left == 0:
                 take = min(PDU_HEADER - len(self._pdu_header), len(view) - i)
+                if not self._pdu_header:
+                    self._pdu_started, self._pdu_received = now, 0
                 self._pdu_header += view[i : i + take]
                 i += take
                 if len(self._pdu_header) == PDU_HEADER:
@@ -57,7 +70,14 @@ class UpperLayerMeter:
             if self._pdu_type == P_DATA_TF:
                 self._feed_pdvs(view[i : i + take])
             self._pdu_left -= take
+            self._pdu_received += take
             i += take
+        elapsed = now - self._pdu_started
+        midway = self._pdu_left > 0 or bool(self._pdu_header)
+        if midway and elapsed > self.patience_seconds and self._pdu_received < MIN_RATE * elapsed:
+            raise PeerExceedsLimit(
+                f"a PDU trickles in: {self._pdu_received:,} bytes in {elapsed:.0f} s"
+            )
 
     def _start_pdu(self, pdu_type: int, length: int) -> None:
         if length > self.max_pdu_bytes:
@@ -103,7 +123,7 @@ class UpperLayerMeter:
 class _Metered:
     """``recv`` that feeds an UpperLayerMeter; mixed into a socket class below."""
 
-    limits: tuple[int, int] = (0, 0)  # (max PDU, max dataset) bytes, set per receiver
+    limits: tuple[int, int, float] = (0, 0, 60.0)  # max PDU, max dataset bytes; patience
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         data = super().recv(bufsize, flags)  # type: ignore[misc]
@@ -118,9 +138,11 @@ class _Metered:
         return data
 
 
-def metered_socket_classes(max_pdu_bytes: int, max_dataset_bytes: int) -> tuple[type, type]:
+def metered_socket_classes(
+    max_pdu_bytes: int, max_dataset_bytes: int, patience_seconds: float
+) -> tuple[type, type]:
     """(socket class, SSLSocket class) whose ``recv`` enforces these limits."""
-    limits = {"limits": (max_pdu_bytes, max_dataset_bytes)}
+    limits = {"limits": (max_pdu_bytes, max_dataset_bytes, patience_seconds)}
     plain = type("MeteredSocket", (_Metered, socket.socket), limits)
     tls = type("MeteredSSLSocket", (_Metered, ssl.SSLSocket), limits)
     return plain, tls

@@ -83,7 +83,9 @@ class StoreSCP:
         self.server: ThreadedAssociationServer | None = None
         max_dataset = config.max_instance_mb * 2**20
         max_pdu = max(config.max_pdu, 2**20) if config.max_pdu else max_dataset + 2**20
-        self._socket_class, self._ssl_socket_class = metered_socket_classes(max_pdu, max_dataset)
+        self._socket_class, self._ssl_socket_class = metered_socket_classes(
+            max_pdu, max_dataset, config.network_timeout_seconds
+        )
 
     def make_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
