@@ -1,9 +1,10 @@
 """Hostile and broken peers against a running `mriqa serve`: does the scanner stay served and
 the node's memory bounded?
 
-  1. --inputs connections, each sending a mutation of a real A-ASSOCIATE-RQ (recorded from
-     pynetdicom), optionally followed by mutated P-DATA-TF PDUs, or plain garbage; after
-     each: how the node ended it, and every 100 inputs a C-ECHO from the scanner;
+  1. --inputs connections from 127.0.0.3, each sending a mutation of a real A-ASSOCIATE-RQ
+     (recorded from pynetdicom), optionally followed by mutated P-DATA-TF PDUs, or plain
+     garbage; after each: how the node ended it, and every 100 inputs a C-ECHO from the
+     scanner (127.0.0.1);
   2. 500 silent connections at once, from one address and then from 63 addresses (8 each);
   3. a slow sender: an A-ASSOCIATE-RQ one byte a second;
   4. a C-STORE whose dataset declares 2 GB of pixel data (a sparse file, streamed).
@@ -56,9 +57,13 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
+FUZZER = "127.0.0.3"  # the hostile peer's address; the scanner's is 127.0.0.1
+
+
 def ending(port: int, payload: bytes, timeout: float) -> str:
     """Send, then wait for the node's first answer or for it to end the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(FUZZER, 0)) as sock:  # fmt: skip
         try:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(payload)
@@ -136,7 +141,7 @@ def silent_flood(port: int, addresses: list[str], per_address: int) -> dict[str,
 def slow_sender(port: int, request: bytes, limit: float) -> float:
     """Seconds until the node drops a peer sending one byte a second (at most ``limit``)."""
     start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
+    with socket.create_connection(("127.0.0.1", port), source_address=(FUZZER, 0)) as sock:
         for byte in request:
             try:
                 sock.sendall(bytes([byte]))
