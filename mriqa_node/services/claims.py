@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 
@@ -51,3 +51,24 @@ def dead_holders(
         if host == hostname and pid.isdigit() and not alive(int(pid)):
             dead.append(holder)
     return dead
+
+
+def release_dead_claims(
+    session: Session,
+    model: Any,
+    claimed: Any,
+    values: dict[str, Any],
+    hostname: str,
+    alive: Callable[[int], bool] = process_alive,
+) -> int:
+    """Apply ``values`` (the claim given back) to the rows matching ``claimed`` that a dead
+    process of this host holds; returns how many."""
+    holders = session.scalars(
+        select(model.claimed_by).where(claimed, model.claimed_by.like(f"{hostname}:%")).distinct()
+    ).all()
+    dead = dead_holders(holders, hostname, alive)
+    if not dead:
+        return 0
+    return session.execute(
+        update(model).where(claimed, model.claimed_by.in_(dead)).values(**values)
+    ).rowcount

@@ -25,7 +25,8 @@ from mriqa_node.config import DestinationConfig
 from mriqa_node.db.models import ForwardJob, ForwardState
 from mriqa_node.db.sql import insert_ignore, now_utc
 from mriqa_node.domain import retry
-from mriqa_node.services.claims import dead_holders, lock_oldest, process_alive
+from mriqa_node.services import claims
+from mriqa_node.services.claims import lock_oldest, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +131,11 @@ class ForwardQueue:
     ) -> int:
         """Give back at once the jobs that a killed process of this host had claimed (its
         lane died mid-batch), instead of after CLAIM_SECONDS."""
-        j = ForwardJob
         with self.sessions.begin() as session:
-            holders = session.scalars(
-                select(j.claimed_by)
-                .where(j.state == ForwardState.pending, j.claimed_by.like(f"{hostname}:%"))
-                .distinct()
-            ).all()
-            dead = dead_holders(holders, hostname, alive)
-            if not dead:
-                return 0
-            return session.execute(
-                update(j)
-                .where(j.state == ForwardState.pending, j.claimed_by.in_(dead))
-                .values(claimed_by=None, claim_expires_at=None)
-            ).rowcount
+            return claims.release_dead_claims(
+                session, ForwardJob, ForwardJob.state == ForwardState.pending,
+                {"claimed_by": None, "claim_expires_at": None}, hostname, alive,
+            )  # fmt: skip
 
     def record(
         self,

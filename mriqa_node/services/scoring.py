@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
 from mriqa_node.db.sql import now_utc
-from mriqa_node.services.claims import dead_holders, lock_oldest
+from mriqa_node.services import claims
+from mriqa_node.services.claims import lock_oldest
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,11 @@ class WorkQueue:
         """Give back at once the claims of workers on this host whose process is gone (killed),
         instead of waiting for the claims to expire."""
         with self.sessions.begin() as session:
-            holders = session.scalars(
-                select(Instance.claimed_by)
-                .where(
-                    Instance.state == InstanceState.claimed,
-                    Instance.claimed_by.like(f"{hostname}:%"),
-                )
-                .distinct()
-            ).all()
-            dead = dead_holders(holders, hostname, alive)
-            if not dead:
-                return 0
-            return session.execute(
-                update(Instance)
-                .where(Instance.state == InstanceState.claimed, Instance.claimed_by.in_(dead))
-                .values(state=InstanceState.pending, claimed_by=None, claim_expires_at=None)
-            ).rowcount
+            return claims.release_dead_claims(
+                session, Instance, Instance.state == InstanceState.claimed,
+                {"state": InstanceState.pending, "claimed_by": None, "claim_expires_at": None},
+                hostname, alive,
+            )  # fmt: skip
 
     def depth(self) -> int:
         """Instances waiting for a score (for status and metrics)."""
