@@ -173,7 +173,7 @@ def run_scanners(port: int, series: dict[str, list[list[Path]]], told: Told,
     return scanners
 
 
-def wait_scanners(scanners: list[Scanner], node: Node, timeout: float = 900.0) -> None:
+def wait_scanners(scanners: list[Scanner], timeout: float = 900.0) -> None:
     deadline = time.monotonic() + timeout
     for s in scanners:
         s.join(max(1.0, deadline - time.monotonic()))
@@ -197,7 +197,7 @@ def crash_loop(node: Node, cycles: int, series, told: Told, rng: random.Random,
         downtimes.append(time.monotonic() - down)
     for s in scanners:
         s.last.set()
-    wait_scanners(scanners, node)
+    wait_scanners(scanners)
     return downtimes
 
 
@@ -342,7 +342,7 @@ def run(db: str, args: argparse.Namespace) -> None:
             claimed = "select count(*) from instance where state = 'claimed'"
             worker_kills = kill_when(engine, claimed, node.kill_worker, node.start_worker,
                                      args.kills)  # fmt: skip
-            wait_scanners(scanners, node)
+            wait_scanners(scanners)
 
             # C: serve (its forwarding lanes) killed while a lane holds claimed jobs.
             node.kill_worker()
@@ -352,7 +352,7 @@ def run(db: str, args: argparse.Namespace) -> None:
             lanes = ("select count(*) from forward_job"
                      " where state = 'pending' and claimed_by is not null")  # fmt: skip
             lane_kills = kill_when(engine, lanes, node.kill_serve, node.start, args.kills)
-            wait_scanners(scanners, node)
+            wait_scanners(scanners)
             settled = settle(engine, orthanc, sum(1 for f in uid_of if told.sends[f]))
             rows = check(engine, root / "node" / "spool", told, uid_of, orthanc)
         finally:

@@ -13,29 +13,21 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from mriqa_node.config import load_config
 from mriqa_node.dicom.scu import send_datasets
 from mriqa_node.node import Node
 from mriqa_node.phantom import synth_series
 from tests.conftest import self_signed
-from tests.peers import DCMTK_ENV, dcmtk_tool, free_port
+from tests.peers import DCMTK_ENV, dcmtk_tool
+from tests.test_failures import start_node
 
 
 @pytest.fixture
 def tls_node(tmp_path: Path, model_dir: Path):
     key, cert = self_signed(tmp_path, "server")
     ckey, ccert = self_signed(tmp_path, "client")
-    port = free_port()
-    settings = load_config(
-        None,
-        dicom={"port": port, "tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ccert)},
-        storage={"spool_dir": str(tmp_path / "spool"),
-                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
-        model={"path": str(model_dir)},
-    )  # fmt: skip
-    node = Node(settings)
-    node.start(worker=False)
-    yield node, port, cert, ckey, ccert
+    node = start_node(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir,
+                      tls_cert=str(cert), tls_key=str(key), tls_ca=str(ccert))  # fmt: skip
+    yield node, node.settings.dicom.port, cert, ckey, ccert
     node.stop()
 
 
@@ -119,20 +111,11 @@ def pki(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
 def mutual_tls_node(tmp_path: Path, model_dir: Path, pki):
     if dcmtk_tool("storescu") is None:
         pytest.skip("DCMTK (storescu) is not installed")
-    port = free_port()
     (key, cert), (_, ca) = pki["server"], pki["ca"]
-    settings = load_config(
-        None,
-        dicom={"port": port, "tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca),
-               "allowed_calling_aets": ["SCANNER1"], "max_associations_per_peer": 3,
-               "acse_timeout_seconds": 2},
-        storage={"spool_dir": str(tmp_path / "spool"),
-                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
-        model={"path": str(model_dir)},
-    )  # fmt: skip
-    node = Node(settings)
-    node.start(worker=False)
-    yield node, port
+    node = start_node(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir,
+                      tls_cert=str(cert), tls_key=str(key), tls_ca=str(ca),
+                      max_associations_per_peer=3, acse_timeout_seconds=2)  # fmt: skip
+    yield node, node.settings.dicom.port
     node.stop()
 
 
