@@ -27,6 +27,7 @@ from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import text
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -457,6 +458,12 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     def metrics(user: CurrentUser) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(DataError)
+    async def data_error(request: Request, exc: DataError) -> Response:
+        # A value the database cannot store or compare (PostgreSQL: a NUL byte in text),
+        # from a path, query or body: the request's fault, not the server's.
+        return JSONResponse({"detail": "a value the database cannot hold"}, 422)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired) -> Response:
