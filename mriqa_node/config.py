@@ -79,6 +79,9 @@ class StorageConfig(_Section):
     # Below this much free space (MiB) on the spool's disk the node answers 0xA700 (out of
     # resources: the scanner keeps the images and retries) instead of filling it; 0: off.
     min_free_mb: float = Field(512.0, ge=0)
+    # The receive journal (Success = its record synced): one per receiver process, under
+    # <spool_dir>/.journal; a segment of this size is deleted once applied.
+    journal_segment_mb: float = Field(16.0, gt=0)
 
 
 class SeriesConfig(_Section):

@@ -25,9 +25,11 @@ from mriqa_node.dicom.scp import StoreSCP
 from mriqa_node.domain.completion import CompletionRule
 from mriqa_node.domain.routing import ForwardRule
 from mriqa_node.domain.scope import Scope, SiteRule, site_rules
+from mriqa_node.journal import Journal
 from mriqa_node.ml.artifact import untrained_convnet_artifact
 from mriqa_node.ml.store import ModelStore
 from mriqa_node.services.intake import Intake
+from mriqa_node.services.receiving import JournaledIntake, replay
 from mriqa_node.services.scoring import WorkQueue
 from mriqa_node.services.series import SeriesService
 from mriqa_node.spool import Spool
@@ -140,6 +142,9 @@ class Node:
             reads=self.reads,
         )
         self.queue = WorkQueue(self.sessions, settings.worker.claim_seconds)
+        self.journal_dir = self.spool.root / ".journal"
+        self.receiving: JournaledIntake | None = None
+        self._receiving_stop = threading.Event()
         self.scp: StoreSCP | None = None
         self.console = None
         self.worker = None
@@ -183,6 +188,7 @@ class Node:
     ) -> None:
         self.upgrade_db()
         if receiver:
+            self.start_receiving()  # first: the journal rewrites files a crash left unsynced
             self.recover_spool()
         if worker:
             self.worker = self._make_worker()
@@ -199,8 +205,22 @@ class Node:
             self.console = self._make_console()
             self.console.start()
         if receiver:
-            self.scp = StoreSCP(self.settings.dicom, self.intake)
+            self.scp = StoreSCP(self.settings.dicom, self.receiving)
             self.scp.start()
+
+    def start_receiving(self, name: str = "receiver-0") -> None:
+        """Apply what receive journals hold from before (a crash), then open this process's
+        journal and the thread that applies it."""
+        if self.journal_dir.is_dir() and (n := replay(self.intake, self.journal_dir)):
+            self.work_available.set()
+            log.info("recovered %d instance(s) from the receive journal", n)
+        st = self.settings.storage
+        journal = Journal(self.journal_dir / name, int(st.journal_segment_mb * 2**20), st.fsync)
+        self.receiving = JournaledIntake(self.intake, journal)
+        thread = threading.Thread(target=self.receiving.run, args=(self._receiving_stop,),
+                                  name="journal-applier", daemon=True)  # fmt: skip
+        thread.start()
+        self._receiving_thread = thread
 
     def _webhook_outbox(self):
         from mriqa_node.services.webhooks import WebhookOutbox
@@ -261,6 +281,7 @@ class Node:
             ratings=RatingService(self.sessions, self.reads),
             images=self.slice_images,
             spool=self.spool,
+            receiving=self.receiving,
             outbox=self._webhook_outbox() if self.settings.webhooks else None,
             forwarding=ForwardQueue(self.sessions, self.reads)
             if self.settings.pacs.destinations
@@ -327,6 +348,10 @@ class Node:
         self.work_available.set()
         if self.scp is not None:
             self.scp.stop()
+        if self.receiving is not None:  # after the receiver: apply what it took, then stop
+            self._receiving_stop.set()
+            self._receiving_thread.join(timeout=30)
+            self.receiving.journal.close()
         if self.console is not None:
             self.console.stop()
         for thread in self._threads:

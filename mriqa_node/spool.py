@@ -6,6 +6,8 @@ decoded and re-encoded on the receive path. Layout: ``<study uid>/<series uid>/<
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import re
@@ -20,6 +22,7 @@ TMP_SUFFIX = ".part"
 
 
 QA_DIR = "qa"
+_SYNCFS = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "syncfs", None)  # Linux
 
 
 class SpoolError(OSError):
@@ -72,8 +75,12 @@ class Spool:
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def write(self, relpath: str, data: bytes | memoryview) -> int:
-        """Atomically put the data at relpath: temp file, fdatasync, rename, fsync directory."""
+    def write(self, relpath: str, data: bytes | memoryview, sync: bool = True) -> int:
+        """Atomically put the data at relpath: temp file, fdatasync, rename, fsync directory.
+
+        ``sync=False`` leaves the syncing to one :meth:`sync` for a whole batch (the receive
+        journal holds the bytes until then)."""
+        sync = sync and self.fsync
         final = self.root / relpath
         directory = final.parent
         tmp = directory / f".{final.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
@@ -84,17 +91,29 @@ class Spool:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if self.fsync:
+                if sync:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            if self.fsync:
+            if sync:
                 _fsync_dir(directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot keep {relpath}: {exc.strerror or exc}") from exc
         return len(data)
+
+    def sync(self) -> None:
+        """Make every file written so far durable, with their directories: one syncfs(2) of
+        the spool's file system (os.sync where the C library has none)."""
+        if not self.fsync:
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _SYNCFS is None or _SYNCFS(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:

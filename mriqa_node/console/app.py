@@ -42,6 +42,7 @@ from mriqa_node.services.alerts import AlertConflict, AlertNotFound, AlertServic
 from mriqa_node.services.forwarding import ForwardQueue
 from mriqa_node.services.images import SliceImages, SliceNotFound
 from mriqa_node.services.ratings import Forbidden, NotFound, RatingError, RatingService
+from mriqa_node.services.receiving import JournaledIntake
 from mriqa_node.services.users import ACK_ROLES, ADMIN_ROLES, RATE_ROLES, Principal, UserService
 from mriqa_node.spool import Spool
 
@@ -65,6 +66,7 @@ class ConsoleContext:
     spool: Spool | None = None  # for the free-space watermark in /healthz and /metrics
     outbox: Any = None  # WebhookOutbox when webhooks are configured
     forwarding: ForwardQueue | None = None  # the PACS forwarding outbox, when configured
+    receiving: JournaledIntake | None = None  # the receive journal, in a receiving process
 
 
 def _ctx(request: Request) -> ConsoleContext:
@@ -452,6 +454,11 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
             space = ctx.spool.space()
             body["disk"] = {**space, "status": "low" if space["low"] else "ok"}
             if space["low"]:
+                body["status"] = "error"
+        if ctx.receiving is not None:
+            backlog = ctx.receiving.backlog()
+            body["journal"] = {**backlog, "status": "error" if backlog["failing"] else "ok"}
+            if backlog["failing"]:
                 body["status"] = "error"
         return JSONResponse(body, 503 if body["status"] != "ok" else 200)
 

@@ -1,6 +1,7 @@
 """The DICOM receiver: pynetdicom handlers bound to events, around the intake service.
 
-Success is answered only after the instance is durable (spool file fsync'd, row committed).
+Success is answered only after the instance is durable: its record synced in the receive
+journal (services/receiving.py), from which its spool file and row follow within milliseconds.
 Status codes (PS3.4 B.2.3): 0xA700 out of resources (the scanner retries later), 0xA900 data
 set does not match SOP class, 0xC210 cannot understand, 0xC211 unexpected error.
 """
@@ -32,6 +33,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mriqa_node.config import DicomConfig
 from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, parse_header
 from mriqa_node.dicom.limits import metered, metered_socket_classes
-from mriqa_node.services.intake import Intake
+from mriqa_node.services.receiving import JournaledIntake
 from mriqa_node.spool import SpoolError
 
 log = logging.getLogger(__name__)
@@ -70,9 +72,9 @@ UNEXPECTED_ERROR = 0xC211
 class StoreSCP:
     """Binds the intake service to a pynetdicom acceptor."""
 
-    def __init__(self, config: DicomConfig, intake: Intake) -> None:
+    def __init__(self, config: DicomConfig, receiving: JournaledIntake) -> None:
         self.config = config
-        self.intake = intake
+        self.receiving = receiving
         self._series_by_assoc: dict[int, set[str]] = defaultdict(set)
         # Sockets open per peer address, taken at accept and pruned once closed. Not counted
         # by events: a malformed request can kill pynetdicom's reactor thread (InvalidEventError
@@ -110,6 +112,7 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self.handle_closed),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_ACSE_RECV, self.handle_acse_received),
         ]
         server = ae.start_server(
             (self.config.host, self.config.port),
@@ -243,7 +246,7 @@ class StoreSCP:
             )
             return DATASET_MISMATCH
         try:
-            self.intake.store(header, event.encoded_dataset(include_meta=True), calling)
+            self.receiving.accept(header, event.encoded_dataset(include_meta=True), calling)
         except (SpoolError, SQLAlchemyError) as exc:
             log.error(
                 "cannot keep instance %s, answering 0xA700 so the sender retries: %s",
@@ -257,13 +260,19 @@ class StoreSCP:
         self._series_by_assoc[id(event.assoc)].add(header.series_uid)
         return 0x0000
 
+    def handle_acse_received(self, event: evt.Event) -> None:
+        """Before the release response: wait (bounded) until what the sender was told Success
+        for has its spool file and row, so a released association means 'in the database'."""
+        primitive = event.primitive
+        release_request = isinstance(primitive, A_RELEASE) and primitive.result is None
+        if release_request and not self.receiving.drain(self.config.network_timeout_seconds):
+            log.warning("association from %s released while the receive journal is still"
+                            " being applied (it is kept; rows follow)",
+                            event.assoc.requestor.ae_title)  # fmt: skip
+
     def handle_released(self, event: evt.Event) -> None:
         """A clean release hints that the sender is done with its series (an abort does not)."""
-        series = self._series_by_assoc.pop(id(event.assoc), set())
-        try:
-            self.intake.mark_released(series)
-        except SQLAlchemyError as exc:  # only a hint: idle completion still applies
-            log.warning("could not record association release: %s", _short(exc))
+        self.receiving.released(self._series_by_assoc.pop(id(event.assoc), set()))
 
     def handle_closed(self, event: evt.Event) -> None:
         self._series_by_assoc.pop(id(event.assoc), None)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from mriqa_node.domain.scope import ImageFacts
 
@@ -29,3 +30,15 @@ class InstanceHeader:
     study_date: str | None = None
     study_description: str | None = None
     facts: ImageFacts | None = None  # what the scope rules read
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InstanceHeader:
+        """The inverse of :meth:`to_json` (JSON has lists where the facts have tuples)."""
+        facts = data.get("facts")
+        if facts is not None:
+            facts = ImageFacts(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in facts.items()})  # fmt: skip
+        return cls(**{**data, "facts": facts})

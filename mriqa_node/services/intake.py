@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
@@ -32,6 +33,17 @@ from mriqa_node.services.series import mark_complete
 from mriqa_node.spool import Spool
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Received:
+    """An instance as the receive journal holds it, before its file and row exist."""
+
+    header: InstanceHeader
+    relpath: str
+    size: int
+    calling_aet: str | None
+    received_at: datetime
 
 
 class StoreOutcome(StrEnum):
@@ -113,45 +125,93 @@ class Intake:
     ) -> StoreOutcome:
         """Commit the row for an instance; ``before_commit`` puts its file in place (it runs
         only for a new instance, inside the transaction)."""
-        now = now_utc()
+        try:
+            with self.sessions.begin() as session:
+                outcome, forwarded = self._register(
+                    session, header, relpath, size, calling_aet, now_utc(), before_commit
+                )
+        except BaseException:
+            self._series_ids.clear()  # ids of series rows rolled back with the transaction
+            raise
+        if forwarded:
+            self.on_forward()
+        return outcome
+
+    def apply_batch(self, items: Sequence[Received], write: Callable[[Received], None],
+                    sync: Callable[[], None]) -> list[StoreOutcome]:  # fmt: skip
+        """Rows for many received instances in one transaction: ``write`` puts each new
+        instance's file in place (unsynced), ``sync`` makes them all durable before the
+        commit, so a committed row always has its file."""
+        outcomes, forwarded = [], False
+        try:
+            with self.sessions.begin() as session:
+                for item in items:
+                    outcome, fwd = self._register(
+                        session, item.header, item.relpath, item.size, item.calling_aet,
+                        item.received_at, lambda item=item: write(item),
+                    )  # fmt: skip
+                    outcomes.append(outcome)
+                    forwarded |= fwd
+                    if outcome is StoreOutcome.duplicate:
+                        uid = item.header.sop_instance_uid
+                        log.info("duplicate instance %s: already kept", uid)
+                sync()
+        except BaseException:
+            self._series_ids.clear()
+            raise
+        if forwarded:
+            self.on_forward()
+        if any(o is StoreOutcome.stored for o in outcomes):
+            self.on_work()
+        return outcomes
+
+    def _register(
+        self,
+        session: Session,
+        header: InstanceHeader,
+        relpath: str,
+        size: int,
+        calling_aet: str | None,
+        now: datetime,
+        before_commit: Callable[[], None],
+    ) -> tuple[StoreOutcome, bool]:
+        """Insert the row (and count it, and queue its forwarding) in ``session``; the
+        outcome and whether anything was queued for a PACS."""
         scope = self.decide_scope(header, calling_aet)
         state = InstanceState.pending if scope.in_scope else InstanceState.out_of_scope
-        with self.sessions.begin() as session:
-            series_id = self._series_id(session, header, calling_aet, now)
-            inserted = session.execute(
-                _INSERT_INSTANCE[session.get_bind().dialect.name],
-                {
-                    "sop_instance_uid": header.sop_instance_uid,
-                    "series_id": series_id,
-                    "sop_class_uid": header.sop_class_uid,
-                    "transfer_syntax_uid": header.transfer_syntax_uid,
-                    "instance_number": header.instance_number,
-                    "frames": header.frames,
-                    "spool_path": relpath,
-                    "size_bytes": size,
-                    "received_at": now,
-                    "state": state,
-                    "reason": scope.reason,
-                },
-            ).first()
-            if inserted is None:
-                return StoreOutcome.duplicate
-            before_commit()
-            self._count(session, series_id, header, now)
-            # In the same transaction: an instance kept is an instance that will be forwarded.
-            targets = destinations_for(
-                self.routes, calling_aet, header.modality, header.series_description
-            )
-            h = header
-            for destination in targets:
-                enqueue_forward(session, destination, "instance", h.sop_class_uid,
-                                h.sop_instance_uid, h.series_uid, relpath, now)  # fmt: skip
-        if targets:
-            self.on_forward()
+        series_id = self._series_id(session, header, calling_aet, now)
+        inserted = session.execute(
+            _INSERT_INSTANCE[session.get_bind().dialect.name],
+            {
+                "sop_instance_uid": header.sop_instance_uid,
+                "series_id": series_id,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "instance_number": header.instance_number,
+                "frames": header.frames,
+                "spool_path": relpath,
+                "size_bytes": size,
+                "received_at": now,
+                "state": state,
+                "reason": scope.reason,
+            },
+        ).first()
+        if inserted is None:
+            return StoreOutcome.duplicate, False
+        before_commit()
+        self._count(session, series_id, header, now)
+        # In the same transaction: an instance kept is an instance that will be forwarded.
+        targets = destinations_for(
+            self.routes, calling_aet, header.modality, header.series_description
+        )
+        h = header
+        for destination in targets:
+            enqueue_forward(session, destination, "instance", h.sop_class_uid,
+                            h.sop_instance_uid, h.series_uid, relpath, now)  # fmt: skip
         if not scope.in_scope:
             log.debug("instance %s out of scope: %s", header.sop_instance_uid, scope.rule)
-            return StoreOutcome.out_of_scope
-        return StoreOutcome.stored
+            return StoreOutcome.out_of_scope, bool(targets)
+        return StoreOutcome.stored, bool(targets)
 
     def _series_id(
         self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
