@@ -10,7 +10,8 @@ Layout: ``<dir>/<segment number>.journal``, each a run of records::
 
     b"MQJ1" | meta length u32 | payload length u32 | crc32(meta + payload) u32 | meta | payload
 
-A record whose checksum or length does not hold is a write torn by a crash before its sync
+Segments are made ahead of time filled with zeros, where a zero header ends the records. A
+record whose checksum or length does not hold is a write torn by a crash before its sync
 returned, so it was never acknowledged: reading stops there. A new process never appends to
 an old segment; it starts the next one, and a segment is deleted once everything in it is
 applied (its files synced and its rows committed).
@@ -19,9 +20,11 @@ applied (its files synced and its rows committed).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import struct
 import threading
 import zlib
@@ -59,10 +62,13 @@ class Journal:
         self._syncing = False
         existing = self.segments()
         self._segment = (existing[-1] + 1) if existing else 1
-        self._fd = self._create(self._segment)
+        self._fd = self._new_segment(self._segment)
         self._offset = 0
+        self._lengths: dict[int, int] = {}  # bytes used in this process's full segments
         self._appended: Position = (self._segment, 0)
         self._synced: Position = (self._segment, 0)
+        self._spare: tuple[int, int] | None = None  # the next segment, made ahead of time
+        self._spare_thread = self._prepare_spare()
         # Where replay starts: the oldest segment a previous process left behind.
         self.start: Position = (existing[0], 0) if existing else (self._segment, 0)
 
@@ -72,42 +78,71 @@ class Journal:
     def _path(self, segment: int) -> Path:
         return self.directory / f"{segment:012d}{SUFFIX}"
 
-    def _create(self, segment: int) -> int:
-        fd = os.open(self._path(segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    def _new_segment(self, segment: int) -> int:
+        """Create a segment filled with zeros where the disk has room: overwriting allocated
+        blocks, fdatasync then writes the data alone, not the file's size and extents (about
+        half the cost on this machine's disk). Without room, a file that grows."""
+        fd = os.open(self._path(segment), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            if shutil.disk_usage(self.directory).free < 4 * self.segment_bytes:
+                raise OSError(errno.ENOSPC, "no room to make the segment ahead")
+            zeros = bytes(min(self.segment_bytes, 2**20))
+            for offset in range(0, self.segment_bytes, len(zeros)):
+                os.pwrite(fd, zeros[: self.segment_bytes - offset], offset)
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, 0)
         if self.fsync:  # the new name itself must survive a power cut
             _fsync_dir(self.directory)
         return fd
+
+    def _prepare_spare(self) -> threading.Thread:
+        def prepare(segment: int) -> None:
+            with contextlib.suppress(OSError):  # rotation then makes it itself
+                self._spare = (segment, self._new_segment(segment))
+
+        thread = threading.Thread(target=prepare, args=(self._segment + 1,), daemon=True,
+                                  name="journal-spare")  # fmt: skip
+        thread.start()
+        return thread
 
     def append(self, meta: dict[str, Any], payload: bytes | memoryview) -> Position:
         """Write one record and return once it is on disk; raises OSError (nothing kept)."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         crc = zlib.crc32(payload, zlib.crc32(meta_bytes))
         parts = [_HEAD.pack(MAGIC, len(meta_bytes), len(payload), crc), meta_bytes, payload]
+        size = sum(len(p) for p in parts)
         with self._lock:
-            if self._offset >= self.segment_bytes:
+            if self._offset and self._offset + size > self.segment_bytes:
                 self._rotate()
             start = self._offset
             try:
-                _write_all(self._fd, parts)
+                _write_all(self._fd, parts, start)
             except OSError:
                 with contextlib.suppress(OSError):  # no torn record left behind a refusal
-                    os.ftruncate(self._fd, start)
-                    os.lseek(self._fd, start, os.SEEK_SET)
+                    os.pwrite(self._fd, bytes(_HEAD.size), start)
                 raise
-            self._offset = start + sum(len(p) for p in parts)
+            self._offset = start + size
             end = self._appended = (self._segment, self._offset)
         self._sync_through(end)
         return end
 
     def _rotate(self) -> None:
-        """Start the next segment (called with the write lock held); the old one is synced
+        """Go on in the next segment (called with the write lock held); the old one is synced
         first so that 'synced up to (n, x)' keeps meaning every record before it."""
         if self.fsync:
             os.fdatasync(self._fd)
         old = self._fd
+        self._lengths[self._segment] = self._offset
+        self._spare_thread.join()
         self._segment += 1
-        self._fd = self._create(self._segment)
+        spare, self._spare = self._spare, None
+        self._fd = (
+            spare[1] if spare and spare[0] == self._segment else self._new_segment(self._segment)
+        )
         self._offset = 0
+        self._spare_thread = self._prepare_spare()
         with self._synced_cond:
             self._synced = max(self._synced, (self._segment, 0))
             self._synced_cond.notify_all()
@@ -158,8 +193,8 @@ class Journal:
             f.seek(offset)
             while limit is None or offset < limit:
                 head = f.read(_HEAD.size)
-                if not head:
-                    return
+                if not head.strip(b"\0"):
+                    return  # the end: the zeros the segment was made with
                 record = _parse(head, f)
                 if record is None:
                     log.warning("journal %s: torn record at byte %d (never acknowledged):"
@@ -176,19 +211,21 @@ class Journal:
         for segment in self.segments():
             if segment < upto[0] and segment < current:
                 self._path(segment).unlink(missing_ok=True)
+                self._lengths.pop(segment, None)
 
     def backlog_bytes(self, applied: Position) -> int:
-        """Bytes appended but not yet applied (approximate across segments)."""
+        """Bytes appended but not yet applied."""
         with self._lock:
             segment, offset = self._segment, self._offset
-        if applied[0] == segment:
-            return offset - applied[1]
-        older = sum(_size(self._path(s)) for s in self.segments() if applied[0] <= s < segment)
-        return max(older - applied[1], 0) + offset
+            full = sum(n for s, n in self._lengths.items() if applied[0] <= s < segment)
+        return full + offset - applied[1]
 
     def close(self) -> None:
+        self._spare_thread.join()
         with self._lock, contextlib.suppress(OSError):
             os.close(self._fd)
+            if self._spare:
+                os.close(self._spare[1])
 
 
 def _parse(head: bytes, f: Any) -> tuple[dict[str, Any], bytes, int] | None:
@@ -210,22 +247,16 @@ def _parse(head: bytes, f: Any) -> tuple[dict[str, Any], bytes, int] | None:
     return meta, payload, _HEAD.size + meta_len + payload_len
 
 
-def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+def _write_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
     views = [memoryview(p) for p in parts if len(p)]
     while views:
-        n = os.writev(fd, views)
+        n = os.pwritev(fd, views, offset)
+        offset += n
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _fsync_dir(directory: Path) -> None:
