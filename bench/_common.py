@@ -215,7 +215,7 @@ class NodeServer(Server):
                 "ae_title": NODE_AET,
                 "host": HOST,
                 "port": self.port,
-                "allowed_calling_aets": [CALLING_AET, "SCANNER1"],
+                "allowed_calling_aets": [CALLING_AET, *(f"SCANNER{i}" for i in range(1, 17))],
             },
             "storage": {
                 "spool_dir": str(workdir / "spool"),
@@ -338,6 +338,27 @@ def storescu(port: int, called_aet: str, files: Sequence[Path], timeout: float =
     elapsed = time.perf_counter() - t0
     if result.returncode != 0:
         raise BenchError(f"storescu failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return elapsed
+
+
+def storescu_parallel(port: int, called_aet: str, groups: Sequence[Sequence[Path]],
+                      timeout: float = 300.0) -> float:  # fmt: skip
+    """One storescu process per group, all started at once (a scanner each, with their own
+    calling AE titles SCANNER1..N); the wall-clock seconds from the first start to the last
+    exit."""
+    t0 = time.perf_counter()
+    cmds = [[tool("storescu"), "-aet", f"SCANNER{i + 1}", "-aec", called_aet, HOST, str(port),
+             *map(str, files)] for i, files in enumerate(groups)]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=DCMTK_ENV) for cmd in cmds]  # fmt: skip
+    failures = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            failures.append(f"storescu failed ({proc.returncode}):\n{err[-2000:]}")
+    elapsed = time.perf_counter() - t0
+    if failures:
+        raise BenchError("\n".join(failures))
     return elapsed
 
 

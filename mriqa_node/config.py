@@ -43,7 +43,10 @@ class DicomConfig(_Section):
     allowed_calling_aets: list[str] = ["SCANNER1"]
     # Empty: any address. Otherwise only these peer IPs may associate.
     allowed_ips: list[str] = []
-    max_associations: int = Field(32, ge=1)
+    max_associations: int = Field(32, ge=1)  # per receiver process
+    # Receiver processes on the port (SO_REUSEPORT), each with its own journal: associations
+    # at once then use several cores. The limits above apply to each process.
+    receivers: int = Field(1, ge=1, le=64)
     # Connections open at once from one address; more are closed at once (logged), so a peer
     # that opens connections and sends nothing cannot take every slot from the scanners.
     max_associations_per_peer: int = Field(8, ge=1)

@@ -28,6 +28,7 @@ import shutil
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ class Record:
 class Journal:
     """Appends are durable on return (with ``fsync``); reads see only synced records."""
 
-    def __init__(self, directory: Path, segment_bytes: int = 16 * 2**20, fsync: bool = True):
+    def __init__(self, directory: Path, segment_bytes: int = 16 * 2**20, fsync: bool = True,
+                 cache_bytes: int = 64 * 2**20):  # fmt: skip
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
@@ -68,6 +70,12 @@ class Journal:
         self._appended: Position = (self._segment, 0)
         self._synced: Position = (self._segment, 0)
         self._spare: tuple[int, int] | None = None  # the next segment, made ahead of time
+        # The records not yet released, kept in memory up to cache_bytes: the applier reads
+        # them from here instead of reading back (and checksumming) what was just written.
+        # Each with the position before it (a segment's end, for a segment's first record).
+        self.cache_bytes = cache_bytes
+        self._cache: deque[tuple[Position, Record]] = deque()
+        self._cached_bytes = 0
         self._spare_thread = self._prepare_spare()
         # Where replay starts: the oldest segment a previous process left behind.
         self.start: Position = (existing[0], 0) if existing else (self._segment, 0)
@@ -114,6 +122,7 @@ class Journal:
         parts = [_HEAD.pack(MAGIC, len(meta_bytes), len(payload), crc), meta_bytes, payload]
         size = sum(len(p) for p in parts)
         with self._lock:
+            before = self._appended
             if self._offset and self._offset + size > self.segment_bytes:
                 self._rotate()
             start = self._offset
@@ -125,6 +134,9 @@ class Journal:
                 raise
             self._offset = start + size
             end = self._appended = (self._segment, self._offset)
+            if self._cached_bytes + len(payload) <= self.cache_bytes:
+                self._cache.append((before, Record(meta, bytes(payload), end)))
+                self._cached_bytes += len(payload)
         self._sync_through(end)
         return end
 
@@ -180,8 +192,31 @@ class Journal:
             return self._synced
 
     def read(self, start: Position, end: Position | None = None) -> Iterator[Record]:
-        """The whole records from ``start`` up to ``end`` (default: what is synced now)."""
+        """The whole records from ``start`` up to ``end`` (default: what is synced now):
+        from memory while they are there, else from the segments."""
         end = self.synced() if end is None else end
+        position = start
+        while position < end:
+            run = self._cached_run(position, end)
+            if not run:
+                yield from self._read_segments(position, end)
+                return
+            yield from run
+            position = run[-1].end
+
+    def _cached_run(self, position: Position, end: Position) -> list[Record]:
+        """The cached records that follow ``position`` without a gap, up to ``end``."""
+        run: list[Record] = []
+        with self._lock:
+            for before, record in self._cache:
+                if record.end <= position:
+                    continue
+                if before != (run[-1].end if run else position) or record.end > end:
+                    break
+                run.append(record)
+        return run
+
+    def _read_segments(self, start: Position, end: Position) -> Iterator[Record]:
         for segment in (s for s in self.segments() if start[0] <= s <= end[0]):
             offset = start[1] if segment == start[0] else 0
             limit = end[1] if segment == end[0] else None
@@ -208,6 +243,8 @@ class Journal:
         """Delete the segments wholly before ``upto`` (everything in them is applied)."""
         with self._lock:
             current = self._segment
+            while self._cache and self._cache[0][1].end <= upto:
+                self._cached_bytes -= len(self._cache.popleft()[1].payload)
         for segment in self.segments():
             if segment < upto[0] and segment < current:
                 self._path(segment).unlink(missing_ok=True)

@@ -117,8 +117,9 @@ def pacs_publisher(settings: Settings, sessions, reads, spool: Spool, montage=No
 class Node:
     """One process of the node: any of receiver, worker and monitor, on one database."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, slot: int = 0) -> None:
         self.settings = settings
+        self.slot = slot  # 0: the main process; k > 0: receiver process k alone
         self.engine = make_engine(settings.storage.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.read_engine = make_engine(settings.storage.database_url, readonly=True)
@@ -145,6 +146,7 @@ class Node:
         self.journal_dir = self.spool.root / ".journal"
         self.receiving: JournaledIntake | None = None
         self._receiving_stop = threading.Event()
+        self.receivers = None  # ReceiverProcesses, when [dicom] receivers > 1
         self.scp: StoreSCP | None = None
         self.console = None
         self.worker = None
@@ -189,7 +191,8 @@ class Node:
         self.upgrade_db()
         if receiver:
             self.start_receiving()  # first: the journal rewrites files a crash left unsynced
-            self.recover_spool()
+            if self.slot == 0:  # receiver processes start after it, journals applied
+                self.recover_spool()
         if worker:
             self.worker = self._make_worker()
             self._spawn("worker", lambda: self.worker.run(self.stopping))
@@ -207,20 +210,34 @@ class Node:
         if receiver:
             self.scp = StoreSCP(self.settings.dicom, self.receiving)
             self.scp.start()
+            if self.slot == 0 and self.settings.dicom.receivers > 1:
+                self._start_receiver_processes()
 
-    def start_receiving(self, name: str = "receiver-0") -> None:
-        """Apply what receive journals hold from before (a crash), then open this process's
-        journal and the thread that applies it."""
-        if self.journal_dir.is_dir() and (n := replay(self.intake, self.journal_dir)):
+    def start_receiving(self) -> None:
+        """Apply what receive journals hold from before (a crash: the main process takes
+        every one, a receiver process its own), then open this process's journal and the
+        thread that applies it."""
+        own = self.journal_dir / f"receiver-{self.slot}"
+        dirs = sorted(p for p in self.journal_dir.glob("receiver-*") if p.is_dir())
+        if n := replay(self.intake, dirs if self.slot == 0 else [own]):
             self.work_available.set()
             log.info("recovered %d instance(s) from the receive journal", n)
         st = self.settings.storage
-        journal = Journal(self.journal_dir / name, int(st.journal_segment_mb * 2**20), st.fsync)
+        journal = Journal(own, int(st.journal_segment_mb * 2**20), st.fsync)
         self.receiving = JournaledIntake(self.intake, journal)
         thread = threading.Thread(target=self.receiving.run, args=(self._receiving_stop,),
                                   name="journal-applier", daemon=True)  # fmt: skip
         thread.start()
         self._receiving_thread = thread
+
+    def _start_receiver_processes(self) -> None:
+        from mriqa_node.receivers import ReceiverProcesses, WakeListener
+
+        wake = WakeListener(self.work_available.set, self.forward_available.set)
+        self.receivers = ReceiverProcesses(self.settings, wake.port)
+        self.receivers.start()
+        self._spawn("receiver-wake", lambda: wake.run(self.stopping))
+        self._spawn("receiver-supervisor", lambda: self.receivers.supervise(self.stopping))
 
     def _webhook_outbox(self):
         from mriqa_node.services.webhooks import WebhookOutbox
@@ -348,6 +365,8 @@ class Node:
         self.work_available.set()
         if self.scp is not None:
             self.scp.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.receiving is not None:  # after the receiver: apply what it took, then stop
             self._receiving_stop.set()
             self._receiving_thread.join(timeout=30)

@@ -133,7 +133,9 @@ def test_database_away_answers_out_of_resources(
 
         _pg_admin(f'ALTER DATABASE "{pg_database}" ALLOW_CONNECTIONS true')
         assert wait_for(lambda: node.receiving.failing is None)  # by itself, within a second
-        retry = [ds for ds in datasets[1:] if str(ds.SOPInstanceUID) in first.failed | report.failed]
+        retry = [
+            ds for ds in datasets[1:] if str(ds.SOPInstanceUID) in first.failed | report.failed
+        ]
         report = send(node, retry)  # the scanner retries what was refused
         assert report.sent == len(retry) and report.failed == {}
         assert node.receiving.drain()

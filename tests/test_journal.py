@@ -38,6 +38,19 @@ def test_records_come_back_whole_and_in_order(tmp_path: Path) -> None:
     assert records[-1].end == journal.synced()
 
 
+@pytest.mark.parametrize("cache_bytes", [0, 9_000, 2**20])  # none, some, all in memory
+def test_reads_from_memory_and_from_disk_agree(tmp_path: Path, cache_bytes: int) -> None:
+    journal = Journal(tmp_path / "j", segment_bytes=10_000, cache_bytes=cache_bytes)
+    payloads = [os.urandom(4000) for _ in range(9)]
+    ends = [journal.append({"i": i}, p) for i, p in enumerate(payloads)]
+    assert [r.payload for r in journal.read(journal.start)] == payloads  # across segments
+    journal.release(ends[3])
+    assert [r.meta["i"] for r in journal.read(ends[3])] == [4, 5, 6, 7, 8]
+    assert [r.meta["i"] for r in journal.read(ends[3], ends[6])] == [4, 5, 6]
+    more = journal.append({"i": 9}, os.urandom(10))  # room again once released
+    assert [r.meta["i"] for r in journal.read(ends[8])] == [9] and journal.synced() == more
+
+
 def test_concurrent_appends_share_one_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Group commit: eight associations appending at once while a sync takes 50 ms cost two
     or three syncs, not eight, and each append returns only once a sync covered it."""
@@ -140,8 +153,9 @@ def count(env: Env, model=Instance) -> int:
         return s.scalar(select(func.count()).select_from(model)) or 0
 
 
-def test_applied_in_batches_once_each_with_files(env: Env, tmp_path: Path) -> None:
-    receiving = JournaledIntake(env.intake, Journal(tmp_path / "journal" / "r0"), batch=7)
+@pytest.mark.parametrize("batch", [7, 64])  # duplicates in later batches, in the same one
+def test_applied_in_batches_once_each_with_files(env: Env, tmp_path: Path, batch: int) -> None:
+    receiving = JournaledIntake(env.intake, Journal(tmp_path / "journal" / "r0"), batch=batch)
     datasets = synth_series(20, size=32, seed=90)
     accept_all(receiving, datasets)
     accept_all(receiving, datasets[:3])  # the scanner resends three: duplicates
@@ -172,11 +186,11 @@ def test_a_crash_before_the_rows_is_repaired_at_start(env: Env, tmp_path: Path) 
                                             str(datasets[0].SOPInstanceUID)))  # fmt: skip
     torn.parent.mkdir(parents=True, exist_ok=True)
     torn.write_bytes(b"\0" * 100)
-    assert replay(env.intake, root) == 5
+    assert replay(env.intake, [root / "receiver-0"]) == 5
     assert count(env) == 5
     assert pydicom.dcmread(torn).PixelData == datasets[0].PixelData
     assert not list(root.rglob("*.journal"))
-    assert replay(env.intake, root) == 0  # and again: nothing twice
+    assert replay(env.intake, [root / "receiver-0"]) == 0  # and again: nothing twice
 
 
 def test_while_the_database_is_away_instances_are_refused_not_lost(

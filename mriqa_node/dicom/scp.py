@@ -74,6 +74,7 @@ class StoreSCP:
 
     def __init__(self, config: DicomConfig, receiving: JournaledIntake) -> None:
         self.config = config
+        self.reuse_port = config.receivers > 1  # other receiver processes share the port
         self.receiving = receiving
         self._series_by_assoc: dict[int, set[str]] = defaultdict(set)
         # Sockets open per peer address, taken at accept and pruned once closed. Not counted
@@ -114,13 +115,13 @@ class StoreSCP:
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ACSE_RECV, self.handle_acse_received),
         ]
-        server = ae.start_server(
+        server = ae.make_server(
             (self.config.host, self.config.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=self._ssl_context(),
+            server_class=SharedPortServer if self.reuse_port else ThreadedAssociationServer,
         )
-        assert server is not None
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
         # socketserver calls these for every accepted connection: accept (and wrap for TLS)
         # in the listening thread, check the peer there, then serve it in a thread of its own.
         server.get_request = self._accept  # type: ignore[method-assign]
@@ -323,6 +324,15 @@ class StoreSCP:
                 break
         self._accepted_at.pop(id(oldest), None)
         return True
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """Binds with SO_REUSEPORT: several receiver processes listen on one port."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def _ip(client_address: Any) -> str:

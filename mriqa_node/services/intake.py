@@ -56,7 +56,7 @@ _COUNT = (
     update(Series)
     .where(Series.id == bindparam("series_id"))
     .values(
-        received_instances=Series.received_instances + 1,
+        received_instances=Series.received_instances + bindparam("instances"),
         received_slices=Series.received_slices + bindparam("frames"),
         last_received_at=bindparam("now"),
         expected_slices=func.coalesce(Series.expected_slices, bindparam("expected")),
@@ -67,6 +67,10 @@ _COUNT = (
 
 _INSERT_INSTANCE = {  # built once: statement construction costs more than its execution
     name: dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+_INSERT_INSTANCES = {  # many rows in one statement: the new ones come back
+    name: dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.sop_instance_uid)
     for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
 }
 
@@ -139,31 +143,57 @@ class Intake:
 
     def apply_batch(self, items: Sequence[Received], write: Callable[[Received], None],
                     sync: Callable[[], None]) -> list[StoreOutcome]:  # fmt: skip
-        """Rows for many received instances in one transaction: ``write`` puts each new
-        instance's file in place (unsynced), ``sync`` makes them all durable before the
-        commit, so a committed row always has its file."""
-        outcomes, forwarded = [], False
+        """Rows for many received instances in one transaction, with one insert for all and
+        one count per series: ``write`` puts each new instance's file in place (unsynced),
+        ``sync`` makes them all durable before the commit, so a committed row has its file."""
         try:
             with self.sessions.begin() as session:
-                for item in items:
-                    outcome, fwd = self._register(
-                        session, item.header, item.relpath, item.size, item.calling_aet,
-                        item.received_at, lambda item=item: write(item),
-                    )  # fmt: skip
-                    outcomes.append(outcome)
-                    forwarded |= fwd
-                    if outcome is StoreOutcome.duplicate:
-                        uid = item.header.sop_instance_uid
-                        log.info("duplicate instance %s: already kept", uid)
+                outcomes, forwarded = self._apply(session, items, write)
                 sync()
         except BaseException:
-            self._series_ids.clear()
+            self._series_ids.clear()  # ids of series rows rolled back with the transaction
             raise
         if forwarded:
             self.on_forward()
         if any(o is StoreOutcome.stored for o in outcomes):
             self.on_work()
         return outcomes
+
+    def _apply(self, session: Session, items: Sequence[Received],
+               write: Callable[[Received], None]) -> tuple[list[StoreOutcome], bool]:  # fmt: skip
+        scopes = [self.decide_scope(i.header, i.calling_aet) for i in items]
+        series_ids = [self._series_id(session, i.header, i.calling_aet, i.received_at)
+                      for i in items]  # fmt: skip
+        rows = [_instance_row(i, sid, scope) for i, sid, scope in zip(items, series_ids, scopes,
+                                                                        strict=True)]  # fmt: skip
+        dialect = session.get_bind().dialect.name
+        new = set(session.scalars(_INSERT_INSTANCES[dialect], rows))
+        outcomes: list[StoreOutcome] = []
+        counts: dict[int, list] = {}  # series id -> [instances, frames, latest, header]
+        forwarded = False
+        for item, series_id, scope in zip(items, series_ids, scopes, strict=True):
+            h = item.header
+            if h.sop_instance_uid not in new:
+                log.info("duplicate instance %s: already kept", h.sop_instance_uid)
+                outcomes.append(StoreOutcome.duplicate)
+                continue
+            new.discard(h.sop_instance_uid)  # a second copy in the same batch is a duplicate
+            write(item)
+            count = counts.setdefault(series_id, [0, 0, item.received_at, h])
+            count[0] += 1
+            count[1] += h.frames
+            count[2], count[3] = max(count[2], item.received_at), h
+            targets = destinations_for(self.routes, item.calling_aet, h.modality,
+                                       h.series_description)  # fmt: skip
+            for destination in targets:
+                enqueue_forward(session, destination, "instance", h.sop_class_uid,
+                                h.sop_instance_uid, h.series_uid, item.relpath,
+                                item.received_at)  # fmt: skip
+            forwarded |= bool(targets)
+            outcomes.append(StoreOutcome.stored if scope.in_scope else StoreOutcome.out_of_scope)
+        for series_id, (instances, frames, latest, header) in counts.items():
+            self._count(session, series_id, header, latest, instances, frames)
+        return outcomes, forwarded
 
     def _register(
         self,
@@ -178,24 +208,9 @@ class Intake:
         """Insert the row (and count it, and queue its forwarding) in ``session``; the
         outcome and whether anything was queued for a PACS."""
         scope = self.decide_scope(header, calling_aet)
-        state = InstanceState.pending if scope.in_scope else InstanceState.out_of_scope
         series_id = self._series_id(session, header, calling_aet, now)
-        inserted = session.execute(
-            _INSERT_INSTANCE[session.get_bind().dialect.name],
-            {
-                "sop_instance_uid": header.sop_instance_uid,
-                "series_id": series_id,
-                "sop_class_uid": header.sop_class_uid,
-                "transfer_syntax_uid": header.transfer_syntax_uid,
-                "instance_number": header.instance_number,
-                "frames": header.frames,
-                "spool_path": relpath,
-                "size_bytes": size,
-                "received_at": now,
-                "state": state,
-                "reason": scope.reason,
-            },
-        ).first()
+        row = _instance_row(Received(header, relpath, size, calling_aet, now), series_id, scope)
+        inserted = session.execute(_INSERT_INSTANCE[session.get_bind().dialect.name], row).first()
         if inserted is None:
             return StoreOutcome.duplicate, False
         before_commit()
@@ -259,12 +274,13 @@ class Intake:
         )
         return session.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
 
-    def _count(self, session: Session, series_id: int, h: InstanceHeader, now: datetime) -> None:
+    def _count(self, session: Session, series_id: int, h: InstanceHeader, now: datetime,
+               instances: int = 1, frames: int | None = None) -> None:  # fmt: skip
         """Bump counters atomically; reopen a series that receives after it was decided."""
-        row = session.execute(
-            _COUNT,
-            {"series_id": series_id, "frames": h.frames, "now": now, "expected": h.expected_slices},
-        ).one()
+        params = {"series_id": series_id, "instances": instances, "now": now,
+                  "frames": h.frames if frames is None else frames,
+                  "expected": h.expected_slices}  # fmt: skip
+        row = session.execute(_COUNT, params).one()
         state, expected, received = row
         if expected and received > expected:
             # The header count describes something else (e.g. one volume of many): distrust it
@@ -294,3 +310,20 @@ class Intake:
                 .where(Series.series_uid.in_(series_uids), Series.state == SeriesState.receiving)
                 .values(released_at=now_utc())
             )
+
+
+def _instance_row(item: Received, series_id: int, scope: ScopeDecision) -> dict[str, object]:
+    h = item.header
+    return {
+        "sop_instance_uid": h.sop_instance_uid,
+        "series_id": series_id,
+        "sop_class_uid": h.sop_class_uid,
+        "transfer_syntax_uid": h.transfer_syntax_uid,
+        "instance_number": h.instance_number,
+        "frames": h.frames,
+        "spool_path": item.relpath,
+        "size_bytes": item.size,
+        "received_at": item.received_at,
+        "state": InstanceState.pending if scope.in_scope else InstanceState.out_of_scope,
+        "reason": scope.reason,
+    }

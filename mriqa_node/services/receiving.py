@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -161,11 +161,11 @@ class JournaledIntake:
         return {"bytes": self.journal.backlog_bytes(self.applied), "failing": self.failing}
 
 
-def replay(intake: Intake, directory: Path) -> int:
-    """At start, before any receiver runs: apply every journal a previous process left under
-    ``directory`` (one per receiver), then delete them; the records applied."""
+def replay(intake: Intake, directories: Sequence[Path]) -> int:
+    """At start, before the receivers that wrote them run again: apply the journals that
+    previous processes left, then delete them; the records applied."""
     applied = 0
-    for sub in sorted(p for p in Path(directory).iterdir() if p.is_dir()):
+    for sub in (Path(d) for d in directories if Path(d).is_dir()):
         journal = Journal(sub)
         try:
             start = journal.start
