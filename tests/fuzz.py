@@ -23,11 +23,10 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from mriqa_node.dicom.headers import parse_header, read_header
+from mriqa_node.dicom.headers import parse_header
 from mriqa_node.services.scoring import Claim
 from mriqa_node.worker import prepare_data
 
@@ -105,24 +104,13 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
-def received_part(data: bytes) -> tuple[bytes, UID]:
-    """The data set as a C-STORE carries it: the bytes after the file meta information (whose
-    group length says where it ends), with its transfer syntax."""
-    meta = pydicom.dcmread(BytesIO(data), stop_before_pixels=True).file_meta
-    start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)
-    return data[start:], UID(str(meta.get("TransferSyntaxUID", "")))
-
-
 def ingest(data: bytes, size: int = 64) -> str:
     """The node's outcome for these bytes as a file: "scored", "not scored: <reason kind>",
     or "refused: <exception>" at the header (the receiver answers those with a failure
     status). Raises only if the worker's prepare_data does, which is the bug sought."""
     try:
-        body, ts = received_part(data)
-        if ts.is_deflated:
-            parse_header(pydicom.dcmread(BytesIO(data)), ts)
-        else:
-            read_header(body, ts)  # what the receiver does with the bytes of a C-STORE
+        ds = pydicom.dcmread(BytesIO(data))
+        parse_header(ds, str(ds.file_meta.get("TransferSyntaxUID", "")))
     except Exception as exc:  # the receiver maps any decode error to a failure status
         header = f"refused: {type(exc).__name__}"
     else:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from io import BytesIO
-
 from pydicom import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from mriqa_node.domain.records import InstanceHeader
@@ -20,40 +16,6 @@ STORAGE_SOP_CLASSES = (MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE)
 
 class InvalidInstance(ValueError):
     """The dataset cannot be accepted; str(exc) says why (logged, never with patient data)."""
-
-
-_BULK = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double and pixel data
-_UNDEFINED = 0xFFFFFFFF
-
-
-def read_header(data: bytes, transfer_syntax_uid: str) -> InstanceHeader:
-    """:func:`parse_header` from a received data set's bytes, reading the elements before
-    the pixel data only (not the pixels, about half the receiver's decoding time); the pixel
-    data's declared length is checked against the bytes that came instead."""
-    ts = UID(transfer_syntax_uid)
-    if ts.is_deflated:
-        raise ValueError("a deflated data set is decoded whole (pynetdicom's event.dataset)")
-    fp = BytesIO(data)
-    bulk: list[int] = []  # [declared length, where its value starts]
-
-    def at_bulk(tag: BaseTag, vr: str | None, length: int) -> bool:
-        if int(tag) in _BULK:
-            bulk[:] = [length, fp.tell()]
-            return True
-        return False
-
-    ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=at_bulk)
-    if bulk and bulk[0] != _UNDEFINED:
-        length, start = bulk
-        if len(data) - start < length:
-            raise InvalidInstance(
-                f"truncated dataset: pixel data has {len(data) - start} of {length} bytes"
-            )
-        if len(data) - start > length:  # elements after the pixel data: read them all
-            ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
-    elif bulk:  # encapsulated (compressed) pixel data: its items are checked by a full read
-        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
-    return parse_header(ds, ts)
 
 
 def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:

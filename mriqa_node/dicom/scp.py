@@ -19,7 +19,6 @@ from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -40,12 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from mriqa_node.config import DicomConfig
-from mriqa_node.dicom.headers import (
-    STORAGE_SOP_CLASSES,
-    InvalidInstance,
-    parse_header,
-    read_header,
-)
+from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, parse_header
 from mriqa_node.dicom.limits import metered, metered_socket_classes
 from mriqa_node.services.receiving import JournaledIntake
 from mriqa_node.spool import SpoolError
@@ -127,9 +121,7 @@ class StoreSCP:
             ssl_context=self._ssl_context(),
             server_class=SharedPortServer if self.reuse_port else ThreadedAssociationServer,
         )
-        # What ae.start_server(block=False) does, which has no server_class of its own.
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
-        ae._servers.append(server)  # server.shutdown() takes itself off this list
         # socketserver calls these for every accepted connection: accept (and wrap for TLS)
         # in the listening thread, check the peer there, then serve it in a thread of its own.
         server.get_request = self._accept  # type: ignore[method-assign]
@@ -237,11 +229,9 @@ class StoreSCP:
     def handle_store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
         try:
-            ts = UID(event.context.transfer_syntax)
-            if ts.is_deflated:
-                header = parse_header(event.dataset, ts)
-            else:  # the header fields alone, from the bytes as they came
-                header = read_header(event.request.DataSet.getvalue(), ts)
+            ts = event.context.transfer_syntax
+            ds = event.dataset
+            header = parse_header(ds, ts)
         except InvalidInstance as exc:
             log.warning("refused instance from %s: %s", calling, exc)
             return DATASET_MISMATCH
