@@ -46,7 +46,7 @@ from _common import (
 
 TARGETS = ("node-sqlite", "node-pg", "storescp", "orthanc", "pynetdicom")
 # Diagnostic only (not run by default): the node with [storage] fsync = false.
-EXTRA_TARGETS = ("node-sqlite-nofsync",)
+EXTRA_TARGETS = ("node-sqlite-nofsync", "pynetdicom-poll0.1")
 
 
 def count_node_instances(db_url: str) -> int:
@@ -101,8 +101,9 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
             orthanc.start()
             elapsed = send(orthanc.port, orthanc.aet)
             kept = orthanc.instance_count()
-    elif target == "pynetdicom":
-        with BarePynetdicomServer(workdir) as bare:
+    elif target in ("pynetdicom", "pynetdicom-poll0.1"):
+        poll = 0.1 if target == "pynetdicom-poll0.1" else None
+        with BarePynetdicomServer(workdir, poll) as bare:
             bare.start()
             elapsed = send(bare.port, bare.aet)
             kept = len(files)  # keeps nothing by design
@@ -336,6 +337,7 @@ def _note(target: str) -> str:
         "storescp": "file, no fsync",
         "orthanc": "file (fsync) + SQLite index",
         "pynetdicom": "nothing",
+        "pynetdicom-poll0.1": "nothing; DUL idle sleep 0.1 ms, not 1 ms",
     }[target]
 
 

@@ -10,7 +10,9 @@ Layout: ``<dir>/<segment number>.journal``, each a run of records::
 
     b"MQJ1" | meta length u32 | payload length u32 | crc32(meta + payload) u32 | meta | payload
 
-Segments are made ahead of time filled with zeros, where a zero header ends the records. A
+Segments are made ahead of time, filled with zeros (a zero header ends the records) or recycled
+from an applied segment (a record with another segment number ends them); either way fdatasync
+then writes data, not file size and extents. A
 record whose checksum or length does not hold is a write torn by a crash before its sync
 returned, so it was never acknowledged: reading stops there. A new process never appends to
 an old segment; it starts the next one, and a segment is deleted once everything in it is
@@ -36,8 +38,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"MQJ1"
-_HEAD = struct.Struct("<4sIII")
+MAGIC = b"MQJ2"
+_HEAD = struct.Struct("<4sIIII")  # magic, segment number, meta length, payload length, crc32
 SUFFIX = ".journal"
 
 Position = tuple[int, int]  # (segment number, byte offset): ordered like the log itself
@@ -76,7 +78,7 @@ class Journal:
         self.cache_bytes = cache_bytes
         self._cache: deque[tuple[Position, Record]] = deque()
         self._cached_bytes = 0
-        self._spare_thread = self._prepare_spare()
+        self._spare_thread: threading.Thread | None = None
         # Where replay starts: the oldest segment a previous process left behind.
         self.start: Position = (existing[0], 0) if existing else (self._segment, 0)
 
@@ -105,26 +107,34 @@ class Journal:
             _fsync_dir(self.directory)
         return fd
 
-    def _prepare_spare(self) -> threading.Thread:
+    def _ensure_spare(self) -> None:
+        """Make the next segment in the background, unless an applied one was recycled as
+        it (the usual case: the applier releases a segment long before the next one is half
+        written). Called with the write lock held."""
+        if self._spare is not None or (self._spare_thread and self._spare_thread.is_alive()):
+            return
+
         def prepare(segment: int) -> None:
             with contextlib.suppress(OSError):  # rotation then makes it itself
                 self._spare = (segment, self._new_segment(segment))
 
-        thread = threading.Thread(target=prepare, args=(self._segment + 1,), daemon=True,
-                                  name="journal-spare")  # fmt: skip
-        thread.start()
-        return thread
+        self._spare_thread = threading.Thread(target=prepare, args=(self._segment + 1,),
+                                              daemon=True, name="journal-spare")  # fmt: skip
+        self._spare_thread.start()
 
     def append(self, meta: dict[str, Any], payload: bytes | memoryview) -> Position:
         """Write one record and return once it is on disk; raises OSError (nothing kept)."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         crc = zlib.crc32(payload, zlib.crc32(meta_bytes))
-        parts = [_HEAD.pack(MAGIC, len(meta_bytes), len(payload), crc), meta_bytes, payload]
-        size = sum(len(p) for p in parts)
         with self._lock:
             before = self._appended
+            size = _HEAD.size + len(meta_bytes) + len(payload)
             if self._offset and self._offset + size > self.segment_bytes:
                 self._rotate()
+            elif self._offset + size > self.segment_bytes // 2:
+                self._ensure_spare()
+            head = _HEAD.pack(MAGIC, self._segment, len(meta_bytes), len(payload), crc)
+            parts = [head, meta_bytes, payload]
             start = self._offset
             try:
                 _write_all(self._fd, parts, start)
@@ -147,14 +157,15 @@ class Journal:
             os.fdatasync(self._fd)
         old = self._fd
         self._lengths[self._segment] = self._offset
-        self._spare_thread.join()
+        if self._spare_thread:
+            self._spare_thread.join()
         self._segment += 1
         spare, self._spare = self._spare, None
-        self._fd = (
-            spare[1] if spare and spare[0] == self._segment else self._new_segment(self._segment)
-        )
+        if spare and spare[0] == self._segment:
+            self._fd = spare[1]
+        else:
+            self._fd = self._new_segment(self._segment)
         self._offset = 0
-        self._spare_thread = self._prepare_spare()
         with self._synced_cond:
             self._synced = max(self._synced, (self._segment, 0))
             self._synced_cond.notify_all()
@@ -230,6 +241,9 @@ class Journal:
                 head = f.read(_HEAD.size)
                 if not head.strip(b"\0"):
                     return  # the end: the zeros the segment was made with
+                magic, number = _HEAD.unpack(head)[:2] if len(head) == _HEAD.size else (b"", 0)
+                if magic == MAGIC and number != segment:
+                    return  # the end: a record from the file's life as an older segment
                 record = _parse(head, f)
                 if record is None:
                     log.warning("journal %s: torn record at byte %d (never acknowledged):"
@@ -245,10 +259,26 @@ class Journal:
             current = self._segment
             while self._cache and self._cache[0][1].end <= upto:
                 self._cached_bytes -= len(self._cache.popleft()[1].payload)
-        for segment in self.segments():
-            if segment < upto[0] and segment < current:
-                self._path(segment).unlink(missing_ok=True)
-                self._lengths.pop(segment, None)
+            for segment in self.segments():
+                if segment < upto[0] and segment < current:
+                    self._lengths.pop(segment, None)
+                    if not self._recycle(segment):
+                        self._path(segment).unlink(missing_ok=True)
+
+    def _recycle(self, segment: int) -> bool:
+        """Keep an applied segment as the next one: its blocks are allocated, so it needs no
+        zero fill, and its old records carry another segment number, which ends reading.
+        Called with the write lock held."""
+        if self._spare is not None or (self._spare_thread and self._spare_thread.is_alive()):
+            return False
+        try:
+            os.rename(self._path(segment), self._path(self._segment + 1))
+            self._spare = (self._segment + 1, os.open(self._path(self._segment + 1), os.O_RDWR))
+            if self.fsync:
+                _fsync_dir(self.directory)
+        except OSError:
+            return False
+        return True
 
     def backlog_bytes(self, applied: Position) -> int:
         """Bytes appended but not yet applied."""
@@ -258,7 +288,8 @@ class Journal:
         return full + offset - applied[1]
 
     def close(self) -> None:
-        self._spare_thread.join()
+        if self._spare_thread:
+            self._spare_thread.join()
         with self._lock, contextlib.suppress(OSError):
             os.close(self._fd)
             if self._spare:
@@ -268,7 +299,7 @@ class Journal:
 def _parse(head: bytes, f: Any) -> tuple[dict[str, Any], bytes, int] | None:
     if len(head) < _HEAD.size:
         return None
-    magic, meta_len, payload_len, crc = _HEAD.unpack(head)
+    magic, _segment, meta_len, payload_len, crc = _HEAD.unpack(head)
     if magic != MAGIC:
         return None
     meta_bytes = f.read(meta_len)

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,9 +41,20 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._free, self._free_at = 0, -1e9
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+    def free_bytes(self, max_age: float = 0.0) -> int:
+        """Free space on the spool's file system; ``max_age`` seconds old at most (statvfs
+        costs as much as the rest of a receive, so the receiver asks every 50 ms at most and
+        counts what it writes between)."""
+        now = time.monotonic()
+        if max_age <= 0 or now - self._free_at > max_age:
+            self._free, self._free_at = shutil.disk_usage(self.root).free, now
+        return self._free
+
+    def reserve(self, size: int) -> None:
+        """Count ``size`` bytes as used until the next statvfs."""
+        self._free -= size
 
     def space(self) -> dict[str, int | bool]:
         """Free bytes on the spool's file system, the watermark, and whether it is crossed."""
@@ -50,10 +62,11 @@ class Spool:
         return {"free_bytes": free, "min_free_bytes": self.min_free_bytes,
                 "low": bool(self.min_free_bytes) and free < self.min_free_bytes}  # fmt: skip
 
-    def check_space(self) -> None:
+    def check_space(self, free: int | None = None) -> None:
         """LowDiskSpace below the watermark: refuse a new instance while the disk still has
         room for the files being written, the database and the logs."""
-        if self.min_free_bytes and (free := self.free_bytes()) < self.min_free_bytes:
+        free = self.free_bytes() if free is None else free
+        if self.min_free_bytes and free < self.min_free_bytes:
             raise LowDiskSpace(
                 errno.ENOSPC,
                 f"{free / 2**20:.0f} MiB free on the spool's disk, below the watermark of"

@@ -134,6 +134,25 @@ def test_segments_rotate_and_only_applied_ones_are_deleted(tmp_path: Path) -> No
     assert min(journal.segments()) == current  # never the one being written (nor the spare)
 
 
+def test_a_recycled_segment_ends_where_its_new_records_end(tmp_path: Path) -> None:
+    """An applied segment becomes the next one without a zero fill; its old records (with
+    their old segment number) are not read as new ones, in this process or after a crash."""
+    journal = Journal(tmp_path / "j", segment_bytes=20_000)
+    ends = [journal.append({"i": i}, os.urandom(6000)) for i in range(3)]
+    journal.release(ends[2])  # nothing before segment 1 yet: nothing recycled
+    journal.append({"i": 3}, os.urandom(6000))  # segment 2
+    journal.release(journal.synced())  # segment 1 applied: recycled as segment 3
+    assert journal._spare is not None and journal._spare[0] == 3
+    for i in range(4, 8):
+        journal.append({"i": i}, os.urandom(100 if i == 7 else 6000))
+    assert journal.synced()[0] == 3  # writing into the recycled file
+    assert [r.meta["i"] for r in journal.read((3, 0))] == [6, 7]
+    journal.close()
+    after = Journal(tmp_path / "j")  # a crash: replay reads the files alone
+    assert [r.meta["i"] for r in after.read(after.start)][-2:] == [6, 7]
+    after.close()
+
+
 # -- with the intake services (SQLite and PostgreSQL) ---------------------------------------------
 
 

@@ -63,6 +63,8 @@ TRANSFER_SYNTAXES = [
 ]
 
 IDLE_EVICTABLE = 1.0  # seconds after accept; a real peer sends its request within milliseconds
+IDLE_POLL = 0.001  # pynetdicom's own sleep in its network loop, for an association gone quiet
+QUIET_SECONDS = 1.0  # without a C-STORE, after which an association sleeps IDLE_POLL again
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
@@ -84,6 +86,9 @@ class StoreSCP:
         self._accepted_at: dict[int, float] = {}  # id(socket) -> when it was accepted
         self._peer_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
+        self._busy_poll = config.busy_poll_ms / 1000
+        self._last_store: dict[int, tuple[Any, float]] = {}  # id(assoc) -> (assoc, when)
+        self._stopping = threading.Event()
         max_dataset = config.max_instance_mb * 2**20
         max_pdu = max(config.max_pdu, 2**20) if config.max_pdu else max_dataset + 2**20
         self._socket_class, self._ssl_socket_class = metered_socket_classes(
@@ -121,7 +126,9 @@ class StoreSCP:
             ssl_context=self._ssl_context(),
             server_class=SharedPortServer if self.reuse_port else ThreadedAssociationServer,
         )
+        # What ae.start_server(block=False) does, which has no server_class of its own.
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        ae._servers.append(server)  # server.shutdown() takes itself off this list
         # socketserver calls these for every accepted connection: accept (and wrap for TLS)
         # in the listening thread, check the peer there, then serve it in a thread of its own.
         server.get_request = self._accept  # type: ignore[method-assign]
@@ -129,6 +136,8 @@ class StoreSCP:
         self._serve = server.process_request_thread
         server.process_request_thread = self._serve_connection  # type: ignore[method-assign]
         self.server = server
+        if self._busy_poll < IDLE_POLL:
+            threading.Thread(target=self._relax_quiet, name="dicom-poll", daemon=True).start()
         log.info(
             "DICOM SCP %s listening on %s:%d%s; allowed callers: %s",
             self.config.ae_title,
@@ -140,6 +149,7 @@ class StoreSCP:
         return server
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.server is not None:
             self.server.shutdown()
             self.server = None
@@ -212,6 +222,7 @@ class StoreSCP:
     # -- event handlers ---------------------------------------------------------------------
 
     def handle_accepted(self, event: evt.Event) -> None:
+        self._busy(event.assoc)  # a scanner sends right after associating
         log.info(
             "association from %s (%s)",
             event.assoc.requestor.ae_title,
@@ -259,6 +270,7 @@ class StoreSCP:
             log.exception("unexpected error storing instance %s", header.sop_instance_uid)
             return UNEXPECTED_ERROR
         self._series_by_assoc[id(event.assoc)].add(header.series_uid)
+        self._busy(event.assoc)
         return 0x0000
 
     def handle_acse_received(self, event: evt.Event) -> None:
@@ -277,6 +289,23 @@ class StoreSCP:
 
     def handle_closed(self, event: evt.Event) -> None:
         self._series_by_assoc.pop(id(event.assoc), None)
+        self._last_store.pop(id(event.assoc), None)
+
+    def _busy(self, assoc: Any) -> None:
+        """pynetdicom sleeps 1 ms in its network loop whenever it finds nothing to do, which
+        adds to every C-STORE's round trip; while a sender is busy, its association's loop
+        (an attribute of its own DUL, not the library's code) sleeps less."""
+        if self._busy_poll < IDLE_POLL:
+            assoc.dul._run_loop_delay = self._busy_poll
+            self._last_store[id(assoc)] = (assoc, time.monotonic())
+
+    def _relax_quiet(self) -> None:
+        while not self._stopping.wait(QUIET_SECONDS / 2):
+            now = time.monotonic()
+            for key, (assoc, when) in list(self._last_store.items()):
+                if now - when > QUIET_SECONDS:
+                    assoc.dul._run_loop_delay = IDLE_POLL
+                    self._last_store.pop(key, None)
 
     def open_connections(self, ip: str) -> int:
         with self._peer_lock:

@@ -28,6 +28,7 @@ from mriqa_node.spool import SpoolError
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0  # between attempts to apply while the database or the spool is away
+FREE_SPACE_AGE = 0.05  # seconds a free-space reading is used for, with what was written since
 HEADROOM_BYTES = 2**18  # file system slack (blocks, directories) kept free beyond the backlog
 
 
@@ -54,11 +55,13 @@ class JournaledIntake:
         if self.failing is not None:
             raise NotAccepting(errno.EAGAIN, f"instances are not being kept: {self.failing}")
         relpath = self.spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
-        self.spool.check_space()
+        free = self.spool.free_bytes(max_age=FREE_SPACE_AGE)
+        self.spool.check_space(free)
         # The journal's copy now and the spool's later must both fit, with what is pending.
         need = 2 * len(encoded) + self.journal.backlog_bytes(self.applied) + HEADROOM_BYTES
-        if (free := self.spool.free_bytes()) < need:
+        if free < need:
             raise SpoolError(errno.ENOSPC, f"no room: {free} bytes free, {need} needed")
+        self.spool.reserve(2 * len(encoded))
         meta = {"header": header.to_json(), "relpath": relpath, "calling_aet": calling_aet,
                 "received_at": now_utc().isoformat()}  # fmt: skip
         try:
