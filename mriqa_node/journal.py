@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import struct
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -59,6 +61,7 @@ class Journal:
                  cache_bytes: int = 64 * 2**20):  # fmt: skip
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._owner = _own(self.directory)  # one process per journal, ever
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self._lock = threading.Lock()  # the write position
@@ -96,7 +99,7 @@ class Journal:
         try:
             if shutil.disk_usage(self.directory).free < 4 * self.segment_bytes:
                 raise OSError(errno.ENOSPC, "no room to make the segment ahead")
-            zeros = bytes(min(self.segment_bytes, 2**20))
+            zeros = bytes(max(min(self.segment_bytes, 2**20), 1))
             for offset in range(0, self.segment_bytes, len(zeros)):
                 os.pwrite(fd, zeros[: self.segment_bytes - offset], offset)
             if self.fsync:
@@ -294,6 +297,28 @@ class Journal:
             os.close(self._fd)
             if self._spare:
                 os.close(self._spare[1])
+        os.close(self._owner)  # and with it the lock
+
+
+class JournalBusy(OSError):
+    """Another process still holds this journal."""
+
+
+def _own(directory: Path, wait: float = 30.0) -> int:
+    """An exclusive lock on the journal (released when this process ends, however it ends):
+    a receiver restarted while its predecessor is still finishing waits for it."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                why = f"journal {directory} is held by another process"
+                raise JournalBusy(errno.EBUSY, why) from None
+            time.sleep(0.1)
 
 
 def _parse(head: bytes, f: Any) -> tuple[dict[str, Any], bytes, int] | None:

@@ -13,8 +13,11 @@ its journal still holds before it listens again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 WORK, FORWARD = b"w", b"f"
 RESTART_SECONDS = 1.0
+PR_SET_PDEATHSIG = 1
 
 
 class WakeListener:
@@ -112,6 +116,7 @@ def run_receiver(settings_json: str, slot: int, wake_port: int) -> None:
     from mriqa_node.cli import setup_logging
     from mriqa_node.node import Node
 
+    _end_with_parent()
     settings = Settings.model_validate_json(settings_json)
     setup_logging(settings.logging.level)
     node = Node(settings, slot=slot)
@@ -122,3 +127,14 @@ def run_receiver(settings_json: str, slot: int, wake_port: int) -> None:
     node.start(receiver=True, worker=False, monitor=False, console=False)
     done.wait()
     node.stop()
+
+
+def _end_with_parent() -> None:
+    """SIGTERM when the main process dies, even by kill -9 (Linux): an orphan receiver would
+    keep the port and its journal from the main process's successor."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

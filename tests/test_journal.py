@@ -234,3 +234,15 @@ def test_while_the_database_is_away_instances_are_refused_not_lost(
     accept_all(receiving, datasets[2:])
     assert receiving.apply_pending()
     assert count(env) == 4
+
+
+def test_one_process_per_journal(tmp_path: Path) -> None:
+    """A receiver restarted while its predecessor still holds the journal waits, then gives
+    up with a clear error, rather than writing beside it."""
+    from mriqa_node import journal as journal_module
+
+    first = Journal(tmp_path / "j")
+    with pytest.raises(journal_module.JournalBusy, match="held by another process"):
+        journal_module._own(tmp_path / "j", wait=0.3)
+    first.close()
+    Journal(tmp_path / "j").close()  # free again once the holder is gone

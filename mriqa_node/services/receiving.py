@@ -169,10 +169,9 @@ def replay(intake: Intake, directories: Sequence[Path]) -> int:
     previous processes left, then delete them; the records applied."""
     applied = 0
     for sub in (Path(d) for d in directories if Path(d).is_dir()):
-        journal = Journal(sub)
+        journal = Journal(sub, segment_bytes=0)  # to read: its own new segment stays empty
         try:
-            start = journal.start
-            records = sum(1 for _ in journal.read(start))
+            records = sum(1 for _ in journal.read(journal.start))
             if records:
                 receiving = JournaledIntake(intake, journal)
                 if not receiving.apply_pending():
@@ -180,10 +179,10 @@ def replay(intake: Intake, directories: Sequence[Path]) -> int:
                     raise SpoolError(errno.EAGAIN, f"journal {sub} not applied: {why}")
                 applied += records
                 log.info("applied %d instance(s) left in the receive journal %s", records, sub.name)
+            for segment in journal.segments():  # all applied: nothing here is needed any more
+                journal.directory.joinpath(f"{segment:012d}.journal").unlink(missing_ok=True)
         finally:
             journal.close()
-        for segment in journal.segments():  # all applied: nothing here is needed any more
-            journal.directory.joinpath(f"{segment:012d}.journal").unlink(missing_ok=True)
     return applied
 
 
