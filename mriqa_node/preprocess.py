@@ -28,6 +28,10 @@ PREPROCESSING_VERSION = "1"  # bump when output changes; model artifacts record 
 INPUT_SIZE = 512
 
 MIN_SIZE = 8
+# The most decoded pixel data one instance may claim (rows x columns x frames x bytes): 1,000
+# frames of 512x512 16-bit fit; a damaged header declaring more can make a decoder allocate it
+# before it finds the data short (the long fuzz run saw a worker peak at 1.3 GiB).
+MAX_DECODED_BYTES = 512 * 2**20
 PERCENTILES = (0.5, 99.5)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -184,8 +188,12 @@ def _decode(ds: pydicom.Dataset) -> np.ndarray:
         raise Unscorable(f"image too small ({rows}x{cols}, need at least {MIN_SIZE}x{MIN_SIZE})")
     n = frame_count(ds)
     ts = _transfer_syntax(ds)
+    bits = _as_int(ds.get("BitsAllocated")) or 0
+    if (claimed := rows * cols * n * max(bits, 8) // 8) > MAX_DECODED_BYTES:
+        limit = MAX_DECODED_BYTES / 2**20
+        raise Unscorable(f"image data too large to decode ({n} x {rows}x{cols} x {bits} bits:"
+                         f" {claimed / 2**20:.0f} MiB > {limit:.0f} MiB)")  # fmt: skip
     if keyword == "PixelData" and ts is not None and not ts.is_compressed:
-        bits = _as_int(ds.get("BitsAllocated")) or 0
         expected = (rows * cols * n * bits + 7) // 8
         got = len(ds.PixelData)
         if got < expected:

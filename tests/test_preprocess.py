@@ -365,6 +365,15 @@ def test_undecodable_compressed_pixel_data_names_the_transfer_syntax() -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_header_claiming_gigabytes_is_refused_before_decoding() -> None:
+    """A damaged header with huge Rows x Columns could make a decoder allocate gigabytes
+    before it finds the data short (a long fuzz run peaked at 1.3 GiB in one worker)."""
+    ds = pydicom_testfile("MR_small_jp2klossless.dcm")
+    ds.Rows, ds.Columns = 30000, 30000
+    with pytest.raises(Unscorable, match="too large to decode"):
+        preprocess(ds)
+
+
 def test_truncated_file_from_pydicom_data() -> None:
     path = get_testdata_file("emri_small_jpeg_2k_lossless_too_short.dcm")
     if path is None:
