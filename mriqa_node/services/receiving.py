@@ -28,6 +28,7 @@ from mriqa_node.spool import SpoolError
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0  # between attempts to apply while the database or the spool is away
+GATHER_SECONDS = 0.05  # the applier waits this long for more records before a batch
 FREE_SPACE_AGE = 0.05  # seconds a free-space reading is used for, with what was written since
 HEADROOM_BYTES = 2**18  # file system slack (blocks, directories) kept free beyond the backlog
 
@@ -37,14 +38,17 @@ class NotAccepting(SpoolError):
 
 
 class JournaledIntake:
-    def __init__(self, intake: Intake, journal: Journal, batch: int = 64) -> None:
+    def __init__(self, intake: Intake, journal: Journal, batch: int = 64,
+                 gather_seconds: float = GATHER_SECONDS) -> None:  # fmt: skip
         self.intake = intake
         self.spool = intake.spool
         self.journal = journal
         self.batch = batch
         self.applied: Position = journal.start
         self.failing: str | None = None  # why the last apply failed; None when healthy
+        self.gather_seconds = gather_seconds
         self._wake = threading.Event()
+        self._urgent = threading.Event()  # someone waits for the rows (release, stop)
         self._progress = threading.Condition()
         self._hooks: list[tuple[Position, Callable[[], None]]] = []
 
@@ -75,6 +79,7 @@ class JournaledIntake:
         complete, recorded once their instances have rows."""
         if series_uids:
             self.after_backlog(lambda: self._mark_released(series_uids))
+            self._urgent.set()
 
     def _mark_released(self, series_uids: set[str]) -> None:
         try:
@@ -99,7 +104,11 @@ class JournaledIntake:
         """Apply until ``stopping``, then once more for what came in meanwhile."""
         while not stopping.is_set():
             self._wake.wait(RETRY_SECONDS)
+            # Gather a batch: one syncfs and one commit per batch, not per instance (a sync per
+            # instance here would queue behind, and ahead of, the journal's own).
+            self._urgent.wait(self.gather_seconds)
             self._wake.clear()
+            self._urgent.clear()
             if not self.apply_pending() and not stopping.is_set():
                 stopping.wait(RETRY_SECONDS)
         self.apply_pending()
@@ -156,6 +165,7 @@ class JournaledIntake:
         """Wait until everything acknowledged so far has its file and row (tests, shutdown)."""
         target = self.journal.synced()
         self._wake.set()
+        self._urgent.set()
         with self._progress:
             return self._progress.wait_for(lambda: self.applied >= target, timeout)
 
