@@ -74,7 +74,7 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
             return storescu(port, aet, files)
         return storescu_parallel(port, aet, groups)
 
-    dicom = {"receivers": int((node or {}).get("receivers", 1))}
+    dicom = {k: v for k, v in (node or {}).items() if v is not None}
     if target in ("node-sqlite", "node-sqlite-nofsync"):
         db_url = f"sqlite:///{workdir / 'mriqa.db'}"
         storage = {"fsync": target == "node-sqlite"}
@@ -257,6 +257,12 @@ def main() -> int:
         help="the node's [dicom] receivers: processes on its port (default 1)",
     )
     ap.add_argument(
+        "--busy-poll-ms",
+        type=float,
+        default=None,
+        help="the node's [dicom] busy_poll_ms (default: the node's own)",
+    )
+    ap.add_argument(
         "--breakdown",
         action="store_true",
         help="instead: cost per instance of each step of the node's store handler, in process",
@@ -295,8 +301,8 @@ def main() -> int:
                 workdir = root / f"{target}-{rep}"
                 # Flush the previous run's dirty pages: its writeback would slow this run's fsyncs.
                 os.sync()
-                elapsed = one_run(target, files, workdir, args.associations,
-                                  {"receivers": args.receivers})  # fmt: skip
+                node = {"receivers": args.receivers, "busy_poll_ms": args.busy_poll_ms}
+                elapsed = one_run(target, files, workdir, args.associations, node)
                 shutil.rmtree(workdir, ignore_errors=True)
                 times[target].append(elapsed)
                 print(
