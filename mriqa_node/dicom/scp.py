@@ -65,6 +65,7 @@ TRANSFER_SYNTAXES = [
 IDLE_EVICTABLE = 1.0  # seconds after accept; a real peer sends its request within milliseconds
 IDLE_POLL = 0.001  # pynetdicom's own sleep in its network loop, for an association gone quiet
 QUIET_SECONDS = 1.0  # without a C-STORE, after which an association sleeps IDLE_POLL again
+RELEASE_WAIT_SECONDS = 10.0  # at most, for rows before the release response (kept anyway)
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
@@ -278,10 +279,10 @@ class StoreSCP:
         for has its spool file and row, so a released association means 'in the database'."""
         primitive = event.primitive
         release_request = isinstance(primitive, A_RELEASE) and primitive.result is None
-        if release_request and not self.receiving.drain(self.config.network_timeout_seconds):
-            log.warning("association from %s released while the receive journal is still"
-                            " being applied (it is kept; rows follow)",
-                            event.assoc.requestor.ae_title)  # fmt: skip
+        if release_request and not self.receiving.drain(RELEASE_WAIT_SECONDS):
+            log.warning("association from %s released before its instances have rows (they"
+                        " are kept in the receive journal; rows follow)",
+                        event.assoc.requestor.ae_title)  # fmt: skip
 
     def handle_released(self, event: evt.Event) -> None:
         """A clean release hints that the sender is done with its series (an abort does not)."""

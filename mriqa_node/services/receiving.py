@@ -130,7 +130,9 @@ class JournaledIntake:
             if self.failing is None:
                 log.error("cannot apply the receive journal (retrying every %.0f s; new instances"
                           " get 0xA700 meanwhile): %s", RETRY_SECONDS, _short(exc))  # fmt: skip
-            self.failing = _short(exc)
+            with self._progress:
+                self.failing = _short(exc)
+                self._progress.notify_all()  # a release waiting for rows stops waiting
             return False
         if self.failing is not None:
             log.info("receive journal applied again: instances are being kept")
@@ -166,8 +168,13 @@ class JournaledIntake:
         target = self.journal.synced()
         self._wake.set()
         self._urgent.set()
-        with self._progress:
-            return self._progress.wait_for(lambda: self.applied >= target, timeout)
+        with self._progress:  # not while applying fails: the records are kept, rows follow
+            return (
+                self._progress.wait_for(
+                    lambda: self.applied >= target or self.failing is not None, timeout
+                )
+                and self.applied >= target
+            )
 
     def backlog(self) -> dict[str, object]:
         """For /healthz and /metrics."""
