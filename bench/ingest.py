@@ -18,6 +18,7 @@ rows, so the node's time includes its database. Run: .venv/bin/python bench/inge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -182,22 +183,28 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         lambda b: b"".join((b"\x00" * 128, b"DICM", meta_bytes, b)),
         received,
     )
+
+    @contextlib.contextmanager
+    def fresh_node(work: Path, engine: str, fsync: bool):
+        with ThrowawayPostgres() if engine == "postgresql" else SqliteDb(work) as db:
+            settings = load_config(
+                None, storage={"spool_dir": work / "spool", "database_url": db.url, "fsync": fsync}
+            )
+            node = Node(settings)
+            node.upgrade_db()
+            try:
+                yield node
+            finally:
+                node.engine.dispose()
+
     for fsync in (True, False):
         for engine in ("sqlite", "postgresql"):
             if engine == "postgresql" and not postgres_available():
                 continue
             on = "on" if fsync else "off"
-            work = root / f"breakdown-{engine}-{fsync}"
-            with ThrowawayPostgres() if engine == "postgresql" else SqliteDb(work) as db:
-                settings = load_config(
-                    None,
-                    storage={"spool_dir": work / "spool", "database_url": db.url, "fsync": fsync},
-                )
-                node = Node(settings)
-                node.upgrade_db()
-                receiving = JournaledIntake(
-                    node.intake, Journal(work / "journal", fsync=fsync), batch=64
-                )
+            with fresh_node(root / f"breakdown-{engine}-{fsync}", engine, fsync) as node:
+                journal = Journal(root / f"journal-{engine}-{fsync}", fsync=fsync)
+                receiving = JournaledIntake(node.intake, journal, batch=64)
                 receiving.accept(headers[0], encoded[0], "BENCH")  # first of a series: untimed
                 receiving.apply_pending()
                 os.sync()
@@ -212,16 +219,8 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 rows.append([f"  behind it: files + rows in batches of 64, {engine}, fsync={on}",
                              f"{1000 * wall / n:.2f}", f"{1000 * cpu / n:.2f}"])  # fmt: skip
-                receiving.journal.close()
-                node.engine.dispose()
-            work2 = root / f"breakdown-{engine}-{fsync}-store"
-            with ThrowawayPostgres() if engine == "postgresql" else SqliteDb(work2) as db:
-                settings = load_config(
-                    None,
-                    storage={"spool_dir": work2 / "spool", "database_url": db.url, "fsync": fsync},
-                )
-                node = Node(settings)
-                node.upgrade_db()
+                journal.close()
+            with fresh_node(root / f"breakdown-{engine}-{fsync}-store", engine, fsync) as node:
                 node.intake.store(headers[0], encoded[0], "BENCH")
                 os.sync()
                 timed(
@@ -229,7 +228,6 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
                     lambda i, node=node: node.intake.store(headers[i], encoded[i], "BENCH"),
                     range(1, len(encoded)),
                 )
-                node.engine.dispose()
     print(table(["step (in process, one thread)", "ms per instance", "CPU ms"], rows))
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mriqa_node.spool import fsync_dir
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"MQJ2"
@@ -107,7 +109,7 @@ class Journal:
         except OSError:
             os.ftruncate(fd, 0)
         if self.fsync:  # the new name itself must survive a power cut
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return fd
 
     def _ensure_spare(self) -> None:
@@ -278,7 +280,7 @@ class Journal:
             os.rename(self._path(segment), self._path(self._segment + 1))
             self._spare = (self._segment + 1, os.open(self._path(self._segment + 1), os.O_RDWR))
             if self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError:
             return False
         return True
@@ -350,11 +352,3 @@ def _write_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -157,7 +157,8 @@ class Node:
         migrate.upgrade(self.engine)
 
     def recover_spool(self) -> int:
-        """Register spool files that have no row (written, then the commit did not happen)."""
+        """Register whole spool files that have no row and no journal record (written, then
+        not acknowledged); one cut short is left unregistered, with the reason logged."""
         with self.sessions() as session:
             known = set(session.scalars(select(Instance.spool_path)))
         recovered = 0
@@ -165,7 +166,9 @@ class Node:
             if relpath in known:
                 continue
             try:
-                ds = pydicom.dcmread(self.spool.path(relpath), stop_before_pixels=True)
+                # Read whole: the receiver writes a file before it is acknowledged, unsynced,
+                # so one without a row may be cut short by a power cut (never acknowledged).
+                ds = pydicom.dcmread(self.spool.path(relpath))
                 header = parse_header(ds, ds.file_meta.TransferSyntaxUID)
                 self.intake.register(header, relpath, self.spool.path(relpath).stat().st_size, None)
                 recovered += 1

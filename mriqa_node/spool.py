@@ -110,7 +110,7 @@ class Spool:
                 os.close(fd)
             os.replace(tmp, final)
             if sync:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot keep {relpath}: {exc.strerror or exc}") from exc
@@ -134,7 +134,7 @@ class Spool:
         directory.mkdir(parents=True, exist_ok=True)
         if self.fsync:  # make the new directory entries themselves durable
             for d in (directory.parent, directory.parent.parent):
-                _fsync_dir(d)
+                fsync_dir(d)
         self._known_dirs.add(directory)
 
     def read(self, relpath: str) -> bytes:
@@ -142,6 +142,13 @@ class Spool:
 
     def exists(self, relpath: str) -> bool:
         return (self.root / relpath).is_file()
+
+    def has(self, relpath: str, size: int) -> bool:
+        """A file of this size is at relpath."""
+        try:
+            return (self.root / relpath).stat().st_size == size
+        except OSError:
+            return False
 
     def files(self) -> Iterator[str]:
         """Every kept instance (relative paths); leftover temp files are removed."""
@@ -154,7 +161,8 @@ class Spool:
                     yield relpath
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (new names, renames) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

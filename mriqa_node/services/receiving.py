@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0  # between attempts to apply while the database or the spool is away
 GATHER_SECONDS = 0.05  # the applier waits this long for more records before a batch
 FREE_SPACE_AGE = 0.05  # seconds a free-space reading is used for, with what was written since
-HEADROOM_BYTES = 2**18  # file system slack (blocks, directories) kept free beyond the backlog
+HEADROOM_BYTES = 2**18  # file system slack (blocks, directories) kept free beyond an instance
 
 
 class NotAccepting(SpoolError):
@@ -47,6 +47,7 @@ class JournaledIntake:
         self.applied: Position = journal.start
         self.failing: str | None = None  # why the last apply failed; None when healthy
         self.gather_seconds = gather_seconds
+        self.replaying = False  # applying what a previous process left: rewrite every file
         self._wake = threading.Event()
         self._urgent = threading.Event()  # someone waits for the rows (release, stop)
         self._progress = threading.Condition()
@@ -61,16 +62,21 @@ class JournaledIntake:
         relpath = self.spool.relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
         free = self.spool.free_bytes(max_age=FREE_SPACE_AGE)
         self.spool.check_space(free)
-        # The journal's copy now and the spool's later must both fit, with what is pending.
-        need = 2 * len(encoded) + self.journal.backlog_bytes(self.applied) + HEADROOM_BYTES
-        if free < need:
-            raise SpoolError(errno.ENOSPC, f"no room: {free} bytes free, {need} needed")
+        if free < 2 * len(encoded) + HEADROOM_BYTES:  # the spool's copy and the journal's
+            raise SpoolError(errno.ENOSPC, f"no room: {free} bytes free on the spool's disk")
+        # The spool file now, unsynced (its space is then taken: an acknowledged instance
+        # never waits for room), unless the name is taken: the first copy is the one kept.
+        wrote = not self.spool.exists(relpath)
+        if wrote:
+            self.spool.write(relpath, encoded, sync=False)
         self.spool.reserve(2 * len(encoded))
         meta = {"header": header.to_json(), "relpath": relpath, "calling_aet": calling_aet,
                 "received_at": now_utc().isoformat()}  # fmt: skip
         try:
             self.journal.append(meta, encoded)
         except OSError as exc:
+            if wrote:  # not acknowledged: nothing of it stays
+                self.spool.path(relpath).unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot journal {relpath}: {exc.strerror or exc}") from exc
         self._wake.set()
 
@@ -143,11 +149,14 @@ class JournaledIntake:
     def _apply(self, batch: list[Record]) -> None:
         items = [_received(r) for r in batch]
         payloads = {id(item): r.payload for item, r in zip(items, batch, strict=True)}
-        self.intake.apply_batch(
-            items,
-            write=lambda item: self.spool.write(item.relpath, payloads[id(item)], sync=False),
-            sync=self.spool.sync,
-        )
+
+        def write(item: Received) -> None:
+            """The receiver wrote the file; after a crash it may be missing or torn (it was
+            not synced), and the journal's copy replaces it."""
+            if self.replaying or not self.spool.has(item.relpath, item.size):
+                self.spool.write(item.relpath, payloads[id(item)], sync=False)
+
+        self.intake.apply_batch(items, write=write, sync=self.spool.sync)
         self._advance(batch[-1].end)
 
     def _advance(self, position: Position) -> None:
@@ -191,6 +200,7 @@ def replay(intake: Intake, directories: Sequence[Path]) -> int:
             records = sum(1 for _ in journal.read(journal.start))
             if records:
                 receiving = JournaledIntake(intake, journal)
+                receiving.replaying = True
                 if not receiving.apply_pending():
                     why = receiving.failing
                     raise SpoolError(errno.EAGAIN, f"journal {sub} not applied: {why}")
