@@ -4,19 +4,19 @@ A receiver answers Success once the instance's record is in the journal and sync
 fdatasync per acknowledged instance, and fewer under load, because concurrent associations
 share one (group commit: the first thread to need a sync syncs everything appended so far,
 the others wait for it). The spool files and database rows are written behind it, in batches
-(services/intake.py, JournalApplier), and rebuilt from the journal at start after a crash.
+(services/receiving.py, JournaledIntake), and rebuilt from the journal at start after a crash.
 
 Layout: ``<dir>/<segment number>.journal``, each a run of records::
 
-    b"MQJ1" | meta length u32 | payload length u32 | crc32(meta + payload) u32 | meta | payload
+    b"MQJ2" | segment u32 | meta length u32 | payload length u32 | crc32(meta + payload) u32
+    | meta (JSON) | payload
 
 Segments are made ahead of time, filled with zeros (a zero header ends the records) or recycled
 from an applied segment (a record with another segment number ends them); either way fdatasync
-then writes data, not file size and extents. A
-record whose checksum or length does not hold is a write torn by a crash before its sync
-returned, so it was never acknowledged: reading stops there. A new process never appends to
-an old segment; it starts the next one, and a segment is deleted once everything in it is
-applied (its files synced and its rows committed).
+then writes data, not file size and extents. A record whose checksum or length does not hold
+is a write torn by a crash before its sync returned, so it was never acknowledged: reading
+stops there. A new process never appends to an old segment; it starts the next one, and a
+segment is deleted or recycled once everything in it is applied (files synced, rows committed).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The DICOM receiver: pynetdicom handlers bound to events, around the intake service.
 
-Success is answered only after the instance is durable: its record synced in the receive
-journal (services/receiving.py), from which its spool file and row follow within milliseconds.
+Success is answered only after the instance is durable: its spool file written and its record
+synced in the receive journal (services/receiving.py); its row follows within milliseconds.
 Status codes (PS3.4 B.2.3): 0xA700 out of resources (the scanner retries later), 0xA900 data
 set does not match SOP class, 0xC210 cannot understand, 0xC211 unexpected error.
 """

@@ -65,11 +65,7 @@ _COUNT = (
 )
 
 
-_INSERT_INSTANCE = {  # built once: statement construction costs more than its execution
-    name: dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.id)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
-_INSERT_INSTANCES = {  # many rows in one statement: the new ones come back
+_INSERT_INSTANCES = {  # built once (construction costs more than execution); new ones come back
     name: dialect.insert(Instance).on_conflict_do_nothing().returning(Instance.sop_instance_uid)
     for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
 }
@@ -107,9 +103,7 @@ class Intake:
         outcome = self.register(
             header, relpath, len(encoded), calling_aet, lambda: self.spool.write(relpath, encoded)
         )
-        if outcome is StoreOutcome.duplicate:
-            log.info("duplicate instance %s: already kept", header.sop_instance_uid)
-        elif outcome is StoreOutcome.stored:
+        if outcome is StoreOutcome.stored:
             self.on_work()
         return outcome
 
@@ -129,23 +123,21 @@ class Intake:
     ) -> StoreOutcome:
         """Commit the row for an instance; ``before_commit`` puts its file in place (it runs
         only for a new instance, inside the transaction)."""
-        try:
-            with self.sessions.begin() as session:
-                outcome, forwarded = self._register(
-                    session, header, relpath, size, calling_aet, now_utc(), before_commit
-                )
-        except BaseException:
-            self._series_ids.clear()  # ids of series rows rolled back with the transaction
-            raise
-        if forwarded:
-            self.on_forward()
-        return outcome
+        item = Received(header, relpath, size, calling_aet, now_utc())
+        return self._commit([item], lambda _: before_commit(), lambda: None)[0]
 
     def apply_batch(self, items: Sequence[Received], write: Callable[[Received], None],
                     sync: Callable[[], None]) -> list[StoreOutcome]:  # fmt: skip
         """Rows for many received instances in one transaction, with one insert for all and
         one count per series: ``write`` puts each new instance's file in place (unsynced),
         ``sync`` makes them all durable before the commit, so a committed row has its file."""
+        outcomes = self._commit(items, write, sync)
+        if any(o is StoreOutcome.stored for o in outcomes):
+            self.on_work()
+        return outcomes
+
+    def _commit(self, items: Sequence[Received], write: Callable[[Received], None],
+                sync: Callable[[], None]) -> list[StoreOutcome]:  # fmt: skip
         try:
             with self.sessions.begin() as session:
                 outcomes, forwarded = self._apply(session, items, write)
@@ -155,8 +147,6 @@ class Intake:
             raise
         if forwarded:
             self.on_forward()
-        if any(o is StoreOutcome.stored for o in outcomes):
-            self.on_work()
         return outcomes
 
     def _apply(self, session: Session, items: Sequence[Received],
@@ -190,43 +180,12 @@ class Intake:
                                 h.sop_instance_uid, h.series_uid, item.relpath,
                                 item.received_at)  # fmt: skip
             forwarded |= bool(targets)
+            if not scope.in_scope:
+                log.debug("instance %s out of scope: %s", h.sop_instance_uid, scope.rule)
             outcomes.append(StoreOutcome.stored if scope.in_scope else StoreOutcome.out_of_scope)
         for series_id, (instances, frames, latest, header) in counts.items():
             self._count(session, series_id, header, latest, instances, frames)
         return outcomes, forwarded
-
-    def _register(
-        self,
-        session: Session,
-        header: InstanceHeader,
-        relpath: str,
-        size: int,
-        calling_aet: str | None,
-        now: datetime,
-        before_commit: Callable[[], None],
-    ) -> tuple[StoreOutcome, bool]:
-        """Insert the row (and count it, and queue its forwarding) in ``session``; the
-        outcome and whether anything was queued for a PACS."""
-        scope = self.decide_scope(header, calling_aet)
-        series_id = self._series_id(session, header, calling_aet, now)
-        row = _instance_row(Received(header, relpath, size, calling_aet, now), series_id, scope)
-        inserted = session.execute(_INSERT_INSTANCE[session.get_bind().dialect.name], row).first()
-        if inserted is None:
-            return StoreOutcome.duplicate, False
-        before_commit()
-        self._count(session, series_id, header, now)
-        # In the same transaction: an instance kept is an instance that will be forwarded.
-        targets = destinations_for(
-            self.routes, calling_aet, header.modality, header.series_description
-        )
-        h = header
-        for destination in targets:
-            enqueue_forward(session, destination, "instance", h.sop_class_uid,
-                            h.sop_instance_uid, h.series_uid, relpath, now)  # fmt: skip
-        if not scope.in_scope:
-            log.debug("instance %s out of scope: %s", header.sop_instance_uid, scope.rule)
-            return StoreOutcome.out_of_scope, bool(targets)
-        return StoreOutcome.stored, bool(targets)
 
     def _series_id(
         self, session: Session, h: InstanceHeader, calling_aet: str | None, now: datetime
@@ -275,10 +234,10 @@ class Intake:
         return session.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
 
     def _count(self, session: Session, series_id: int, h: InstanceHeader, now: datetime,
-               instances: int = 1, frames: int | None = None) -> None:  # fmt: skip
+               instances: int, frames: int) -> None:  # fmt: skip
         """Bump counters atomically; reopen a series that receives after it was decided."""
         params = {"series_id": series_id, "instances": instances, "now": now,
-                  "frames": h.frames if frames is None else frames,
+                  "frames": frames,
                   "expected": h.expected_slices}  # fmt: skip
         row = session.execute(_COUNT, params).one()
         state, expected, received = row
