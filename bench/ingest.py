@@ -8,11 +8,14 @@ Receivers, each started fresh (empty storage) for every repetition:
   orthanc       Orthanc 1.x with its own temp storage/index (SyncStorageArea default: fsync)
   pynetdicom    bare pynetdicom AE whose store handler returns Success without keeping anything
 
-The time is storescu's wall clock (process start to exit: association, 300 C-STOREs,
-release), the same for every receiver. With --associations N, N storescu processes (calling
-AEs SCANNER1..N) each send a contiguous 1/N of the same files at once; the time runs from the
-first start to the last exit. The node's release response waits until its instances have
-rows, so the node's time includes its database. Run: .venv/bin/python bench/ingest.py [--help]
+Each receiver first gets --warm-up instances of other series (untimed; default as many as are
+timed), so the figure is the steady state a running node is in (journal segments recycled,
+caches warm); --warm-up 0 measures a cold start. The time is storescu's wall clock (process
+start to exit: association, 300 C-STOREs, release), the same for every receiver. With
+--associations N, N storescu processes (calling AEs SCANNER1..N) each send a contiguous 1/N
+of the same files at once; the time runs from the first start to the last exit. The node's
+release response waits until its instances have rows, so the node's time includes its
+database. Run: .venv/bin/python bench/ingest.py [--help]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,15 +69,28 @@ def count_node_instances(db_url: str) -> int:
 
 
 def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1,
-            node: dict[str, object] | None = None) -> float:  # fmt: skip
-    """Start a fresh receiver, send every file, check, stop; seconds."""
-    groups = [files[i * len(files) // associations : (i + 1) * len(files) // associations]
-              for i in range(associations)]  # fmt: skip
+            node: dict[str, object] | None = None, warm: Sequence[Path] = ()) -> float:  # fmt: skip
+    """Start a fresh receiver, send the ``warm`` files (untimed), then every file (timed),
+    check, stop; seconds."""
+
+    def send_files(port: int, aet: str, batch: Sequence[Path]) -> float:
+        if associations == 1:
+            return storescu(port, aet, batch)
+        n = len(batch)
+        return storescu_parallel(
+            port,
+            aet,
+            [
+                batch[i * n // associations : (i + 1) * n // associations]
+                for i in range(associations)
+            ],
+        )
 
     def send(port: int, aet: str) -> float:
-        if associations == 1:
-            return storescu(port, aet, files)
-        return storescu_parallel(port, aet, groups)
+        if warm:  # steady state: a node's journal segments recycled, caches filled
+            send_files(port, aet, warm)
+            os.sync()
+        return send_files(port, aet, files)
 
     dicom = {k: v for k, v in (node or {}).items() if v is not None}
     if target in ("node-sqlite", "node-sqlite-nofsync"):
@@ -107,35 +124,32 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
         with BarePynetdicomServer(workdir, poll) as bare:
             bare.start()
             elapsed = send(bare.port, bare.aet)
-            kept = len(files)  # keeps nothing by design
+            kept = len(files) + len(warm)  # keeps nothing by design
     else:
         raise ValueError(target)
-    if kept != len(files):
-        raise BenchError(f"{target}: {kept} of {len(files)} instances kept")
+    if kept != len(files) + len(warm):
+        raise BenchError(f"{target}: {kept} of {len(files) + len(warm)} instances kept")
     return elapsed
-
-
-PIXELS = 0x7FE00010
 
 
 def breakdown(root: Path, n_instances: int = 60) -> None:
     """In-process cost per instance of each step of the node's receive path (no network).
 
-    The handler (StoreSCP.handle_store): decode (event.dataset; and, for comparison, the same
-    read stopping before the pixel data), parse_header, prefix the file meta
-    (event.encoded_dataset), JournaledIntake.accept (journal record + fdatasync). Behind it:
+    The handler (StoreSCP.handle_store): read_header (one scan of the bytes; pydicom's decode
+    and parse_header, its fallback, for comparison), the file meta prefix (pynetdicom's own
+    encoding for comparison), JournaledIntake.accept (journal record + fdatasync). Behind it:
     the applier's batches (spool files, one syncfs, rows in one transaction). For comparison,
     the previous synchronous Intake.store (file fsync + directory fsync + a transaction each).
     """
     import io
 
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pynetdicom.dsutils import decode
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
 
     from mriqa_node.config import load_config
-    from mriqa_node.dicom.headers import parse_header
+    from mriqa_node.dicom.headers import parse_header, read_header
+    from mriqa_node.dicom.part10 import file_prefix
     from mriqa_node.journal import Journal
     from mriqa_node.node import Node
     from mriqa_node.phantom import synth_series
@@ -152,10 +166,6 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         buf.is_little_endian, buf.is_implicit_VR = True, False
         write_dataset(buf, ds)
         received.append(buf.getvalue())
-    meta = DicomBytesIO()
-    meta.is_little_endian, meta.is_implicit_VR = True, False
-    write_file_meta_info(meta, datasets[0].file_meta)
-    meta_bytes = meta.getvalue()
     ts = datasets[0].file_meta.TransferSyntaxUID
 
     rows = []
@@ -167,22 +177,26 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         rows.append([label, f"{1000 * wall / len(items):.2f}", f"{1000 * cpu / len(items):.2f}"])
         return out
 
+    timed("read_header: one scan of the bytes (the handler's path)",
+          lambda b: read_header(b, ts, None), received)  # fmt: skip
     decoded = timed(
-        "decode the data set (event.dataset)",
+        "  pydicom instead: decode the data set (event.dataset)",
         lambda b: decode(io.BytesIO(b), False, True),
         received,
     )
-    timed(
-        "  the same, stopping before the pixel data",
-        lambda b: read_dataset(io.BytesIO(b), False, True, stop_when=lambda t, *_: t == PIXELS),
-        received,
-    )
-    headers = timed("parse_header", lambda d: parse_header(d, ts), decoded)
+    headers = timed("  pydicom instead: parse_header", lambda d: parse_header(d, ts), decoded)
+    sops = [(h.sop_class_uid, h.sop_instance_uid) for h in headers]
     encoded = timed(
-        "prefix file meta (event.encoded_dataset)",
-        lambda b: b"".join((b"\x00" * 128, b"DICM", meta_bytes, b)),
-        received,
+        "file_prefix + data set (the handler's path)",
+        lambda i: file_prefix(*sops[i], ts) + received[i],
+        range(len(sops)),
     )
+    timed(
+        "  pynetdicom instead: create_file_meta + encode_file_meta",
+        lambda c: encode_file_meta(create_file_meta(sop_class_uid=c[0], sop_instance_uid=c[1],
+                                                    transfer_syntax=ts)),
+        sops,
+    )  # fmt: skip
 
     @contextlib.contextmanager
     def fresh_node(work: Path, engine: str, fsync: bool):
@@ -243,6 +257,13 @@ def main() -> int:
         help=f"comma-separated subset of {','.join(TARGETS)}; also {','.join(EXTRA_TARGETS)}",
     )
     ap.add_argument(
+        "--warm-up",
+        type=int,
+        default=None,
+        help="instances of other series each receiver gets first, untimed (default: as many"
+        " as timed; 0: a cold start)",
+    )
+    ap.add_argument(
         "--associations",
         type=int,
         default=1,
@@ -284,11 +305,16 @@ def main() -> int:
         t0 = time.perf_counter()
         series = make_series(root / "data", args.series, args.slices, size=args.size)
         files = [f for s in series for f in s]
+        warm_n = len(files) if args.warm_up is None else args.warm_up
+        warm_series = make_series(root / "warm", -(-warm_n // args.slices), args.slices,
+                                  seed0=500, size=args.size) if warm_n else []  # fmt: skip
+        warm = [f for s in warm_series for f in s][:warm_n]
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"# ingest: {len(files)} instances ({args.series} x {args.slices},"
             f" {args.size}x{args.size} 16-bit MR, {size_mb:.0f} MB) in {args.associations}"
-            f" association(s) at once, storescu TCP_NODELAY=1; node receivers={args.receivers};"
+            f" association(s) at once, after {len(warm)} untimed (warm-up), storescu"
+            f" TCP_NODELAY=1; node receivers={args.receivers};"
             f" data made in {time.perf_counter() - t0:.1f} s"
         )
         print(f"# machine: {machine_line()}")
@@ -300,7 +326,7 @@ def main() -> int:
                 # Flush the previous run's dirty pages: its writeback would slow this run's fsyncs.
                 os.sync()
                 node = {"receivers": args.receivers, "busy_poll_ms": args.busy_poll_ms}
-                elapsed = one_run(target, files, workdir, args.associations, node)
+                elapsed = one_run(target, files, workdir, args.associations, node, warm)
                 shutil.rmtree(workdir, ignore_errors=True)
                 times[target].append(elapsed)
                 print(

@@ -23,10 +23,11 @@ from io import BytesIO
 from pathlib import Path
 
 import pydicom
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from mriqa_node.dicom.headers import parse_header
+from mriqa_node.dicom.headers import parse_header, read_header
 from mriqa_node.services.scoring import Claim
 from mriqa_node.worker import prepare_data
 
@@ -104,13 +105,27 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
+def split(data: bytes) -> tuple[bytes, str]:
+    """A Part 10 file -> (its data set bytes as a C-STORE carries them, its transfer syntax)."""
+    f = BytesIO(data)
+    read_preamble(f, False)
+    meta = _read_file_meta_info(f)
+    return data[f.tell() :], str(meta.get("TransferSyntaxUID", ""))
+
+
 def ingest(data: bytes, size: int = 64) -> str:
     """The node's outcome for these bytes as a file: "scored", "not scored: <reason kind>",
     or "refused: <exception>" at the header (the receiver answers those with a failure
     status). Raises only if the worker's prepare_data does, which is the bug sought."""
-    try:
-        ds = pydicom.dcmread(BytesIO(data))
-        parse_header(ds, str(ds.file_meta.get("TransferSyntaxUID", "")))
+    try:  # as the receiver reads a C-STORE's data set: scanned, else decoded by pydicom
+        stream, ts = split(data)
+
+        def decode() -> pydicom.Dataset:
+            ds = pydicom.dcmread(BytesIO(data))
+            parse_header(ds, ts)  # the receiver's pydicom path checks completeness
+            return ds
+
+        read_header(stream, ts, decode)
     except Exception as exc:  # the receiver maps any decode error to a failure status
         header = f"refused: {type(exc).__name__}"
     else:

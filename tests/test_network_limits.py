@@ -42,9 +42,13 @@ def test_the_meter_counts_dataset_fragments_per_message_in_any_chunking() -> Non
         for i in range(0, len(stream), chunk):
             meter.feed(stream[i : i + chunk])
         assert meter.dataset_bytes == 0
-    over = UpperLayerMeter(max_pdu_bytes=2000, max_dataset_bytes=1000)
-    with pytest.raises(PeerExceedsLimit, match="dataset of more than 1,000 bytes"):
-        over.feed(pdu(4, pdv(b"d" * 600)) + pdu(4, pdv(b"d" * 401, last=True)))
+    too_much = pdu(4, pdv(b"d" * 600)) + pdu(4, pdv(b"d" * 401, last=True))
+    for chunk in (5, 64, len(too_much)):  # small reads take the meter's short cut
+        over = UpperLayerMeter(max_pdu_bytes=2000, max_dataset_bytes=1000)
+        with pytest.raises(PeerExceedsLimit, match="dataset of more than 1,000 bytes"):
+            for i in range(0, len(too_much), chunk):
+                over.feed(too_much[i : i + chunk])
+        assert len(too_much) - i <= chunk + 1  # raised at the byte past the limit, not later
     with pytest.raises(PeerExceedsLimit, match="declares 4,294,967,295 bytes"):
         UpperLayerMeter(2000, 1000).feed(b"\x01\x00\xff\xff\xff\xff")  # the header is enough
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from mriqa_node.dicom.scan import scan_header
 from mriqa_node.domain.records import InstanceHeader
 from mriqa_node.domain.scope import ImageFacts, orientation_of
 
@@ -18,7 +22,25 @@ class InvalidInstance(ValueError):
     """The dataset cannot be accepted; str(exc) says why (logged, never with patient data)."""
 
 
+def read_header(stream: bytes, transfer_syntax_uid: str,
+                decode: Callable[[], Dataset]) -> InstanceHeader:  # fmt: skip
+    """The header of a received data set: from one scan of its bytes where that is sure
+    (dicom/scan.py), else from ``decode()`` (pydicom), which also says what is wrong."""
+    scanned = scan_header(stream, transfer_syntax_uid)
+    if scanned is None:
+        return parse_header(decode(), transfer_syntax_uid)
+    return header_from(scanned, transfer_syntax_uid)
+
+
 def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
+    """The header of a data set pydicom decoded."""
+    _check_complete(ds)
+    return header_from(ds, transfer_syntax_uid)
+
+
+def header_from(ds: Mapping[Any, Any], transfer_syntax_uid: str) -> InstanceHeader:
+    """From a pydicom Dataset or the same fields as scan_header found them (read with .get
+    only, keyword or private tag)."""
     missing = [
         k
         for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
@@ -26,16 +48,15 @@ def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
     ]
     if missing:
         raise InvalidInstance(f"missing {', '.join(missing)}")
-    _check_complete(ds)
     frames = _int(ds.get("NumberOfFrames")) or 1
     expected = _int(ds.get("ImagesInAcquisition"))
-    if expected is None and ds.SOPClassUID == ENHANCED_MR_IMAGE_STORAGE and frames > 1:
+    if expected is None and ds.get("SOPClassUID") == ENHANCED_MR_IMAGE_STORAGE and frames > 1:
         expected = frames  # one enhanced object usually carries the whole series
     return InstanceHeader(
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
-        series_uid=str(ds.SeriesInstanceUID).strip(),
-        study_uid=str(ds.StudyInstanceUID).strip(),
+        sop_class_uid=str(ds.get("SOPClassUID")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID")).strip(),
+        series_uid=str(ds.get("SeriesInstanceUID")).strip(),
+        study_uid=str(ds.get("StudyInstanceUID")).strip(),
         transfer_syntax_uid=str(transfer_syntax_uid),
         instance_number=_int(ds.get("InstanceNumber")),
         frames=frames,
@@ -57,7 +78,7 @@ def parse_header(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
 _ECHO_PULSE = {"SPIN": ("SE",), "GRADIENT": ("GR",), "BOTH": ("SE", "GR")}
 
 
-def image_facts(ds: Dataset) -> ImageFacts:
+def image_facts(ds: Mapping[Any, Any]) -> ImageFacts:
     """The header facts scope rules read (classic and Enhanced MR, vendors' b-value tags)."""
     sequence = _values(ds.get("ScanningSequence"))
     if not sequence:
@@ -88,15 +109,15 @@ def _values(value: object) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in items if str(v).strip())
 
 
-def _b_value(ds: Dataset) -> float | None:
+def _b_value(ds: Mapping[Any, Any]) -> float | None:
     """The largest b-value stated: DICOM (0018,9087), per frame in Enhanced MR, GE (0043,1039,
     stored + 1e9 on some releases), Siemens (0019,100C)."""
     found: list[float] = []
     for tag in ((0x0018, 0x9087), (0x0019, 0x100C)):
-        if tag in ds:
-            found.append(_float(ds[tag].value))
-    if (0x0043, 0x1039) in ds:
-        first = _float(ds[0x0043, 0x1039].value)
+        if (value := _tag_value(ds, tag)) is not None:
+            found.append(_float(value))
+    if (value := _tag_value(ds, (0x0043, 0x1039))) is not None:
+        first = _float(value)
         found.append(first % 1e9 if first >= 1e9 else first)
     for item in ds.get("PerFrameFunctionalGroupsSequence", [])[:512]:
         for diffusion in item.get("MRDiffusionSequence", []):
@@ -116,7 +137,13 @@ def _float(value: object) -> float:
         return float("nan")
 
 
-def _orientation(ds: Dataset) -> list[float] | None:
+def _tag_value(ds: Mapping[Any, Any], tag: tuple[int, int]) -> Any:
+    """A Dataset gives an element for a tag, scan_header the value itself."""
+    item = ds.get(tag)
+    return getattr(item, "value", item)
+
+
+def _orientation(ds: Mapping[Any, Any]) -> list[float] | None:
     iop = ds.get("ImageOrientationPatient")
     if iop is None:
         for group in ds.get("SharedFunctionalGroupsSequence", []):

@@ -54,6 +54,17 @@ class UpperLayerMeter:
 
     def feed(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        n = len(data)
+        if n < self._pdv_left and n < self._pdu_left and self._pdu_type == P_DATA_TF:
+            # Inside one fragment, as nearly every read is: pynetdicom reads 4 KiB at a time,
+            # 128 reads for a 512x512 slice, so this short cut saves ~1 ms per instance.
+            self._pdu_left -= n
+            self._pdu_received += n
+            self._pdv_left -= n
+            if self._pdv_dataset:
+                self._count_dataset(n)
+            self._check_rate(now)
+            return
         view, i = memoryview(data), 0
         while i < len(view):
             if self._pdu_left == 0:
@@ -72,6 +83,9 @@ class UpperLayerMeter:
             self._pdu_left -= take
             self._pdu_received += take
             i += take
+        self._check_rate(now)
+
+    def _check_rate(self, now: float) -> None:
         elapsed = now - self._pdu_started
         midway = self._pdu_left > 0 or bool(self._pdu_header)
         if midway and elapsed > self.patience_seconds and self._pdu_received < MIN_RATE * elapsed:
@@ -105,15 +119,17 @@ class UpperLayerMeter:
                 continue
             take = min(self._pdv_left, len(view) - j)
             if self._pdv_dataset:
-                self.dataset_bytes += take
-                if self.dataset_bytes > self.max_dataset_bytes:
-                    raise PeerExceedsLimit(
-                        f"a dataset of more than {self.max_dataset_bytes:,} bytes "
-                        "([dicom] max_instance_mb)"
-                    )
+                self._count_dataset(take)
             self._pdv_left -= take
             j += take
             self._end_fragment()
+
+    def _count_dataset(self, n: int) -> None:
+        self.dataset_bytes += n
+        if self.dataset_bytes > self.max_dataset_bytes:
+            raise PeerExceedsLimit(
+                f"a dataset of more than {self.max_dataset_bytes:,} bytes ([dicom] max_instance_mb)"
+            )
 
     def _end_fragment(self) -> None:
         if self._pdv_left == 0 and self._pdv_dataset and self._pdv_last:

@@ -39,8 +39,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from mriqa_node.config import DicomConfig
-from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, parse_header
+from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, read_header
 from mriqa_node.dicom.limits import metered, metered_socket_classes
+from mriqa_node.dicom.part10 import file_prefix
 from mriqa_node.services.receiving import JournaledIntake
 from mriqa_node.spool import SpoolError
 
@@ -240,26 +241,28 @@ class StoreSCP:
 
     def handle_store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
+        request = event.request
         try:
             ts = event.context.transfer_syntax
-            ds = event.dataset
-            header = parse_header(ds, ts)
+            stream = request.DataSet.getvalue()
+            header = read_header(stream, ts, lambda: event.dataset)
         except InvalidInstance as exc:
             log.warning("refused instance from %s: %s", calling, exc)
             return DATASET_MISMATCH
         except Exception as exc:  # undecodable stream: pydicom raises many types here
             log.warning("refused instance from %s: cannot decode dataset: %s", calling, exc)
             return CANNOT_UNDERSTAND
-        if header.sop_class_uid != event.request.AffectedSOPClassUID:
+        if header.sop_class_uid != request.AffectedSOPClassUID:
             log.warning(
                 "refused instance %s: SOP class %s differs from the request's %s",
                 header.sop_instance_uid,
                 header.sop_class_uid,
-                event.request.AffectedSOPClassUID,
+                request.AffectedSOPClassUID,
             )
             return DATASET_MISMATCH
         try:
-            self.receiving.accept(header, event.encoded_dataset(include_meta=True), calling)
+            prefix = file_prefix(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, ts)
+            self.receiving.accept(header, prefix + stream, calling)
         except (SpoolError, SQLAlchemyError) as exc:
             log.error(
                 "cannot keep instance %s, answering 0xA700 so the sender retries: %s",

@@ -28,7 +28,7 @@ from mriqa_node.spool import SpoolError
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0  # between attempts to apply while the database or the spool is away
-GATHER_SECONDS = 0.05  # the applier waits this long for more records before a batch
+GATHER_SECONDS = 0.25  # the applier waits at most this long for a full batch (~8 ms per batch)
 FREE_SPACE_AGE = 0.05  # seconds a free-space reading is used for, with what was written since
 HEADROOM_BYTES = 2**18  # file system slack (blocks, directories) kept free beyond an instance
 
@@ -49,7 +49,8 @@ class JournaledIntake:
         self.gather_seconds = gather_seconds
         self.replaying = False  # applying what a previous process left: rewrite every file
         self._wake = threading.Event()
-        self._urgent = threading.Event()  # someone waits for the rows (release, stop)
+        self._urgent = threading.Event()  # rows wanted now: a release, a stop, a full batch
+        self._waiting = 0  # records since the last batch (no lock: it only sets _urgent)
         self._progress = threading.Condition()
         self._hooks: list[tuple[Position, Callable[[], None]]] = []
 
@@ -78,6 +79,9 @@ class JournaledIntake:
             if wrote:  # not acknowledged: nothing of it stays
                 self.spool.path(relpath).unlink(missing_ok=True)
             raise SpoolError(exc.errno, f"cannot journal {relpath}: {exc.strerror or exc}") from exc
+        self._waiting += 1
+        if self._waiting >= self.batch:
+            self._urgent.set()
         self._wake.set()
 
     def released(self, series_uids: set[str]) -> None:
@@ -111,10 +115,12 @@ class JournaledIntake:
         while not stopping.is_set():
             self._wake.wait(RETRY_SECONDS)
             # Gather a batch: one syncfs and one commit per batch, not per instance (a sync per
-            # instance here would queue behind, and ahead of, the journal's own).
+            # instance here would queue behind, and ahead of, the journal's own; a commit per
+            # few instances costs the receiving threads the GIL for ~8 ms each).
             self._urgent.wait(self.gather_seconds)
             self._wake.clear()
             self._urgent.clear()
+            self._waiting = 0
             if not self.apply_pending() and not stopping.is_set():
                 stopping.wait(RETRY_SECONDS)
         self.apply_pending()
