@@ -309,27 +309,141 @@ def db_upgrade(ctx: click.Context) -> None:
 
 @main.group(name="model")
 def model_group() -> None:
-    """Model artifacts: install a new one (a running node picks it up), show the current one."""
+    """Model artifacts: install one (a running node picks it up) or a shadow candidate,
+    compare, promote under a guard, roll back, show, history."""
 
 
 @model_group.command("install")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help="A candidate: scored beside the active model on every series, never alerting.",
+)
 @click.pass_context
-def model_install(ctx: click.Context, path: Path) -> None:
-    """Check an artifact (hash, preprocessing version) and make it the node's model."""
+def model_install(ctx: click.Context, path: Path, shadow: bool) -> None:
+    """Check an artifact (hash, preprocessing version) and make it the node's model (or, with
+    --shadow, the candidate `mriqa model compare` and `promote` judge)."""
     from mriqa_node.ml.artifact import ArtifactError
     from mriqa_node.ml.store import ModelStore
 
     settings = _settings(ctx)
     try:
-        target, meta = ModelStore(settings.model.dir).install(path)
+        target, meta = ModelStore(settings.model.dir).install(path, shadow=shadow)
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"installed {meta.name} {meta.version} ({meta.task}) at {target}")
-    if settings.model.path:
+    role = "as the shadow candidate" if shadow else ""
+    click.echo(f"installed {meta.name} {meta.version} ({meta.task}) {role} at {target}")
+    if settings.model.path and not shadow:
         click.echo(f"note: [model] path = {settings.model.path} is set and takes precedence")
     else:
         click.echo(f"a running node switches to it within {settings.model.reload_seconds:g} s")
+
+
+def _comparison(settings: Settings, min_labelled: int = 1):
+    from mriqa_node.db.engine import make_engine, make_sessionmaker
+    from mriqa_node.ml.store import ModelStore
+    from mriqa_node.node import resolve_model
+    from mriqa_node.services.models import ModelComparisons
+
+    candidate = ModelStore(settings.model.dir).shadow()
+    if candidate is None:
+        raise click.ClickException("no shadow model installed (mriqa model install PATH --shadow)")
+    active_sha = json.loads((resolve_model(settings) / "model.json").read_text())["sha256"]
+    candidate_sha = json.loads((candidate / "model.json").read_text())["sha256"]
+    engine = make_engine(settings.storage.database_url, readonly=True)
+    try:
+        return ModelComparisons(make_sessionmaker(engine)).compare(active_sha, candidate_sha,
+                                                                   min_labelled)  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+@model_group.command("compare")
+@click.option("--json", "as_json", is_flag=True, help="The whole comparison as JSON.")
+@click.pass_context
+def model_compare(ctx: click.Context, as_json: bool) -> None:
+    """The shadow candidate against the active model: where their verdicts differ, and both
+    against the site's feedback (acknowledgements, series ratings)."""
+    setup_logging("WARNING")
+    c = _comparison(_settings(ctx))
+    if as_json:
+        click.echo(json.dumps(c.to_json(), indent=2))
+        return
+    click.echo(f"active    {_model_name(c.active)}\ncandidate {_model_name(c.candidate)}")
+    click.echo(f"series with both verdicts: {c.series}; the same alert decision: {c.agree}")
+    for (a, b), n in sorted(c.agreement.items()):
+        click.echo(f"  active {a:<15} candidate {b:<15} {n}")
+    for d in c.differing:
+        click.echo(f"  differs: {d['series_uid']} {d['description'] or '-'} from"
+                   f" {d['calling_aet'] or '-'}: active {d['active']}, candidate {d['candidate']},"
+                   f" feedback {d['feedback'] or '-'}")  # fmt: skip
+    click.echo(f"against feedback, active:    {c.active_rates.describe()}")
+    click.echo(f"against feedback, candidate: {c.candidate_rates.describe()}")
+    verdict = "may be promoted" if c.judgement.allowed else "would be refused: "
+    click.echo(f"the candidate {verdict}{'; '.join(c.judgement.reasons)}")
+
+
+def _model_name(model: dict) -> str:
+    return f"{model.get('name', '?')} {model.get('version', model['sha256'][:12])}"
+
+
+@model_group.command("promote")
+@click.option("--why", required=True, help="Recorded with the promotion.")
+@click.option("--by", "by", default=None, help="Who promotes (default: the login name).")
+@click.option(
+    "--min-labelled",
+    default=10,
+    show_default=True,
+    help="Labelled series with verdicts of both models the guard needs.",
+)
+@click.option("--force", is_flag=True, help="Promote even if the guard refuses (recorded).")
+@click.pass_context
+def model_promote(ctx: click.Context, why: str, by: str | None, min_labelled: int,
+                  force: bool) -> None:  # fmt: skip
+    """Make the shadow candidate the node's model, if it does no worse than the active one on
+    the node's labelled series (sensitivity, false alerts); a running node switches to it."""
+    from mriqa_node.ml.store import ModelStore
+
+    settings = _settings(ctx)
+    setup_logging("WARNING")
+    c = _comparison(settings, min_labelled)
+    click.echo(f"active:    {c.active_rates.describe()}")
+    click.echo(f"candidate: {c.candidate_rates.describe()}")
+    if not c.judgement.allowed and not force:
+        raise click.ClickException("refused: " + "; ".join(c.judgement.reasons)
+                                   + " (--force to promote anyway)")  # fmt: skip
+    reasons = "" if c.judgement.allowed else f" [forced past: {'; '.join(c.judgement.reasons)}]"
+    target = ModelStore(settings.model.dir).promote(by=by, why=why + reasons)
+    click.echo(f"promoted {target.name}; a running node switches to it within"
+               f" {settings.model.reload_seconds:g} s")  # fmt: skip
+
+
+@model_group.command("rollback")
+@click.option("--why", required=True, help="Recorded with the rollback.")
+@click.option("--by", "by", default=None, help="Who rolls back (default: the login name).")
+@click.pass_context
+def model_rollback(ctx: click.Context, why: str, by: str | None) -> None:
+    """Return to the model that was current before (no restart)."""
+    from mriqa_node.ml.store import ModelStore, StoreError
+
+    settings = _settings(ctx)
+    try:
+        target = ModelStore(settings.model.dir).rollback(by=by, why=why)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"rolled back to {target.name}")
+
+
+@model_group.command("history")
+@click.pass_context
+def model_history(ctx: click.Context) -> None:
+    """Who installed, promoted and rolled back which model, when and why."""
+    from mriqa_node.ml.store import ModelStore
+
+    for e in ModelStore(_settings(ctx).model.dir).history():
+        click.echo(f"{e['at']}  {e['action']:<15} {e.get('from') or '-'} -> {e['to']}"
+                   f"  by {e.get('by') or '-'}: {e.get('why') or ''}")  # fmt: skip
 
 
 @model_group.command("show")

@@ -349,6 +349,32 @@ class Node:
                 log.error("new model at %s refused, keeping the current one: %s", path, exc)
             except Exception:
                 log.exception("model watcher error")
+            finally:
+                self._watch_shadow(refused)
+
+    def _watch_shadow(self, refused: set[str]) -> None:
+        """Start, change or stop the shadow candidate as `mriqa model install --shadow`,
+        `promote` and `rollback` leave the store's shadow pointer."""
+        from mriqa_node.ml.artifact import ArtifactError, read_meta
+        from mriqa_node.ml.scorer import Scorer
+
+        path = ModelStore(self.settings.model.dir).shadow()
+        running, sha = self.worker.shadow, ""
+        try:
+            if path is None:
+                if running is not None:
+                    self.worker.set_shadow(None)
+                return
+            sha = json.loads((path / "model.json").read_text()).get("sha256", "")
+            if sha in refused or (running is not None and running.meta.sha256 == sha):
+                return
+            read_meta(path)
+            scorer = Scorer(path, self.worker.scorer.device)
+            scorer.warm_up()
+            self.worker.set_shadow(scorer)
+        except (ArtifactError, OSError, ValueError) as exc:
+            refused.add(sha)
+            log.error("shadow model at %s refused: %s", path, exc)
 
     def _monitor(self) -> None:
         while not self.stopping.wait(MONITOR_INTERVAL):

@@ -99,11 +99,24 @@ class Worker:
         self._next_scorer: Scorer | None = None
         self._swap_lock = threading.Lock()
         self.scored_slices = 0
+        # A shadow candidate scores the same frames; its scores and verdicts are kept apart.
+        self.shadow: Scorer | None = None
+        self.shadow_version_id: int | None = None
+        self.shadow_seconds = 0.0  # the candidate's model time, for what shadowing costs
 
     def promote(self, scorer: Scorer) -> None:
         """Use this (loaded, warmed-up) scorer from the next batch on."""
         with self._swap_lock:
             self._next_scorer = scorer
+
+    def set_shadow(self, scorer: Scorer | None) -> None:
+        """Score with this candidate too from the next batch on (None: stop shadowing)."""
+        version = None if scorer is None else self.queue.model_version_id(scorer.meta.to_json())
+        with self._swap_lock:
+            self.shadow, self.shadow_version_id = scorer, version
+        if scorer is not None:
+            log.warning("shadow model: %s %s scores beside the active model, never alerting",
+                        scorer.meta.name, scorer.meta.version)  # fmt: skip
 
     def _swap_if_promoted(self) -> None:
         with self._swap_lock:
@@ -175,5 +188,34 @@ class Worker:
                                           frames=p.frame_numbers, distances=dist))  # fmt: skip
             offset += n
         self.scored_slices += offset
+        with self._swap_lock:
+            shadow, shadow_id = self.shadow, self.shadow_version_id
+        if shadow is not None and shadow_id is not None:
+            self._score_shadow(shadow, shadow_id, frames, results)
         for series_id in self.queue.record(self.worker_id, self.model_version_id, results):
-            self.series.try_decide(series_id)
+            self.series.try_decide(series_id)  # the shadow's verdict is decided with it
+
+    def _score_shadow(self, shadow: Scorer, version_id: int, frames: list[np.ndarray],
+                      results: list[InstanceResult]) -> None:  # fmt: skip
+        """The candidate's scores of the same frames (same preprocessing), stored before the
+        active model's, so a series decided on those has the shadow's scores too."""
+        if not frames or shadow.meta.input_size != self.scorer.meta.input_size:
+            return
+        started = time.perf_counter()
+        batch = self.max_batch
+        chunks = [shadow.score(np.stack(frames[i : i + batch]))
+                  for i in range(0, len(frames), batch)]  # fmt: skip
+        self.shadow_seconds += time.perf_counter() - started
+        probs = np.concatenate([c[0] for c in chunks])
+        guarded = chunks[0][1] is not None
+        dist = np.concatenate([c[1] for c in chunks]) if guarded else None
+        shadowed, offset = [], 0
+        for r in results:
+            if r.reason:
+                continue
+            n = len(r.probabilities)
+            shadowed.append(InstanceResult(r.claim, probs[offset : offset + n], r.positions,
+                                           frames=r.frames, distances=None if dist is None
+                                           else dist[offset : offset + n]))  # fmt: skip
+            offset += n
+        self.queue.record_shadow(version_id, shadowed)

@@ -231,6 +231,41 @@ class SeriesVerdict(Base):
     series: Mapped[Series] = relationship(back_populates="verdicts")
 
 
+class ShadowScore(Base):
+    """A shadow candidate's score of a slice (`mriqa model install --shadow`): kept apart from
+    SliceScore, so nothing the node decides or shows reads it."""
+
+    __tablename__ = "shadow_score"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"))
+    frame: Mapped[int] = mapped_column(default=0)
+    position: Mapped[float | None] = mapped_column(Float)
+    probabilities: Mapped[list[float]] = mapped_column(JSON)
+    p_nondiagnostic: Mapped[float] = mapped_column(Float)
+    distance: Mapped[float | None] = mapped_column(Float)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"))
+
+    __table_args__ = (UniqueConstraint("instance_id", "frame", "model_version_id"),)
+
+
+class ShadowVerdict(Base):
+    """What the shadow candidate would have said of a series, decided beside the active
+    model's verdict; it never raises an alert."""
+
+    __tablename__ = "shadow_verdict"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_version.id"))
+    label: Mapped[str] = mapped_column(String(32))
+    score: Mapped[float | None] = mapped_column(Float)
+    n_slices: Mapped[int]
+    decided_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_shadow_verdict_series", "series_id"),)
+
+
 class Alert(Base):
     __tablename__ = "alert"
 

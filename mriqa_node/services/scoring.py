@@ -17,8 +17,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mriqa_node.db.models import Instance, InstanceState, ModelVersion, SliceScore
-from mriqa_node.db.sql import now_utc
+from mriqa_node.db.models import Instance, InstanceState, ModelVersion, ShadowScore, SliceScore
+from mriqa_node.db.sql import dialect, now_utc
 from mriqa_node.services import claims
 from mriqa_node.services.claims import lock_oldest
 
@@ -166,3 +166,22 @@ class WorkQueue:
                         )
                     )
         return touched
+
+    def record_shadow(self, model_version_id: int, results: Sequence[InstanceResult]) -> None:
+        """Store a shadow candidate's scores of the same slices (a rescore replaces nothing:
+        the first score of a slice by a model is the one kept)."""
+        rows = [
+            {"instance_id": r.claim.instance_id, "frame": int(frame),
+             "position": r.positions[k] if k < len(r.positions) else None,
+             "probabilities": [float(p) for p in probs], "p_nondiagnostic": float(probs[0]),
+             "distance": None if r.distances is None else float(r.distances[k]),
+             "model_version_id": model_version_id}
+            for r in results if not r.reason
+            for k, (frame, probs) in enumerate(
+                zip(r.frames or range(len(r.probabilities)), r.probabilities, strict=True))
+        ]  # fmt: skip
+        if not rows:
+            return
+        with self.sessions.begin() as session:
+            session.execute(dialect(session).insert(ShadowScore).values(rows)
+                            .on_conflict_do_nothing())  # fmt: skip

@@ -22,6 +22,8 @@ from mriqa_node.db.models import (
     Series,
     SeriesState,
     SeriesVerdict,
+    ShadowScore,
+    ShadowVerdict,
     SliceScore,
 )
 from mriqa_node.db.sql import now_utc
@@ -130,16 +132,7 @@ class SeriesService:
                     sop_uid, score.frame, score.probabilities, score.position, number,
                     score.distance,
                 )  # fmt: skip
-        policy = SeriesPolicy.from_dict(model.meta.get("policy") if model else None)
-        policy = policy.overridden(**self.policy_overrides)
-        classes = model.meta["class_names"] if model else ["non_diagnostic"]
-        meta = model.meta if model else {}
-        verdict = assess(
-            list(latest.values()), policy, classes,
-            scope=Scope(ModelScope.from_dict(meta.get("scope"))),
-            ood_threshold=(meta.get("ood") or {}).get("threshold"),
-            empty_reason=None if latest else self._not_assessed_reason(session, series.id),
-        )  # fmt: skip
+        verdict, policy = self._assess(session, series.id, model, list(latest.values()))
 
         row = SeriesVerdict(
             series_id=series.id,
@@ -155,6 +148,7 @@ class SeriesService:
             seconds_after_last=(now - series.last_received_at).total_seconds(),
         )
         session.add(row)
+        self._record_shadow_verdicts(session, series.id, now)
         session.execute(
             update(Series)
             .where(Series.id == series.id)
@@ -178,6 +172,42 @@ class SeriesService:
         )
         if verdict.non_diagnostic:
             self._raise_alert(session, series, row, payload, now)
+
+    def _assess(self, session: Session, series_id: int, model: ModelVersion | None,
+                slices: list[SliceResult]) -> tuple[Verdict, SeriesPolicy]:  # fmt: skip
+        """The verdict of these slices under the model's own policy, scope and OOD guard."""
+        policy = SeriesPolicy.from_dict(model.meta.get("policy") if model else None)
+        policy = policy.overridden(**self.policy_overrides)
+        classes = model.meta["class_names"] if model else ["non_diagnostic"]
+        meta = model.meta if model else {}
+        verdict = assess(
+            slices, policy, classes,
+            scope=Scope(ModelScope.from_dict(meta.get("scope"))),
+            ood_threshold=(meta.get("ood") or {}).get("threshold"),
+            empty_reason=None if slices else self._not_assessed_reason(session, series_id),
+        )  # fmt: skip
+        return verdict, policy
+
+    def _record_shadow_verdicts(self, session: Session, series_id: int, now: datetime) -> None:
+        """What each shadow candidate that scored this series says of it, from its own scores
+        under its own policy, decided with the active verdict; recorded, never alerted."""
+        rows = session.execute(
+            select(ShadowScore, Instance.sop_instance_uid, Instance.instance_number)
+            .join(Instance, ShadowScore.instance_id == Instance.id)
+            .where(Instance.series_id == series_id)
+            .order_by(ShadowScore.id)
+        ).all()
+        by_model: dict[int, list[SliceResult]] = {}
+        for sc, uid, number in rows:
+            by_model.setdefault(sc.model_version_id, []).append(
+                SliceResult(uid, sc.frame, sc.probabilities, sc.position, number, sc.distance)
+            )
+        for model_id, slices in by_model.items():
+            verdict, _ = self._assess(session, series_id, session.get(ModelVersion, model_id),
+                                      slices)  # fmt: skip
+            session.add(ShadowVerdict(series_id=series_id, model_version_id=model_id,
+                                      label=verdict.label, score=verdict.score,
+                                      n_slices=verdict.n_slices, decided_at=now))  # fmt: skip
 
     @staticmethod
     def _not_assessed_reason(session: Session, series_id: int) -> str | None:

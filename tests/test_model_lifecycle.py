@@ -1,0 +1,181 @@
+"""The model life cycle at the site: a shadow candidate scored beside the active model, compared
+on the node's series and feedback, promoted only past the guard, rolled back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from mriqa_node.cli import main
+from mriqa_node.config import load_config
+from mriqa_node.db.models import Alert, Series, ShadowScore, ShadowVerdict, SliceScore
+from mriqa_node.dicom.scu import send_datasets
+from mriqa_node.domain.evaluation import Rates, judge_promotion, wilson
+from mriqa_node.ml.artifact import untrained_convnet_artifact
+from mriqa_node.ml.store import ModelStore, StoreError
+from mriqa_node.node import Node, resolve_model
+from mriqa_node.phantom import synth_series
+from mriqa_node.services.alerts import AlertService
+from mriqa_node.services.models import ModelComparisons
+from mriqa_node.services.ratings import RatingService
+from mriqa_node.services.users import UserService
+from tests.conftest import TINY_WIDTHS
+from tests.peers import free_port
+
+
+def _artifact(directory: Path, seed: int, series_threshold: float) -> Path:
+    """A tiny untrained model whose series threshold makes its alerts certain: 0 alerts on
+    every series, 1 on none (an untrained model is never that sure)."""
+    untrained_convnet_artifact(directory, seed=seed, widths=TINY_WIDTHS)
+    meta = json.loads((directory / "model.json").read_text())
+    meta["policy"] = {**meta.get("policy", {}), "series_threshold": series_threshold,
+                      "slice_threshold": 0.5}  # fmt: skip
+    (directory / "model.json").write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lifecycle-models")
+    return _artifact(root / "alerts", 1, 0.0), _artifact(root / "quiet", 2, 1.0)
+
+
+def test_store_shadow_promote_rollback_and_history(tmp_path: Path, models) -> None:
+    loud, quiet = models
+    store = ModelStore(tmp_path)
+    with pytest.raises(StoreError, match="no shadow"):
+        store.promote(by="ml", why="nothing there")
+    store.install(loud, by="ml", why="first")
+    store.install(quiet, shadow=True, by="ml", why="candidate")
+    assert store.current().name.startswith("convnet-untrained-0.0.0+seed1")
+    assert store.shadow().name.startswith("convnet-untrained-0.0.0+seed2")
+    promoted = store.promote(by="ml", why="better on 40 series")
+    assert store.current() == promoted and store.shadow() is None
+    assert store.rollback(by="ml", why="alerts at night").name.startswith(
+        "convnet-untrained-0.0.0+seed1"
+    )
+    assert [e["action"] for e in store.history()] == ["install", "install-shadow", "promote",
+                                                       "rollback"]  # fmt: skip
+    assert store.history()[2]["why"] == "better on 40 series"
+    with pytest.raises(StoreError, match="no earlier model"):
+        ModelStore(tmp_path / "empty").rollback()
+
+
+def test_the_guard_refuses_a_worse_candidate_and_says_why() -> None:
+    active = Rates.of([(True, True)] * 9 + [(True, False)] + [(False, False)] * 19 +
+                      [(False, True)])  # fmt: skip
+    fewer = Rates.of([(True, True)] * 8 + [(True, False)] * 2 + [(False, False)] * 20)
+    judged = judge_promotion(active, fewer)
+    assert not judged.allowed and "catches fewer" in judged.reasons[0]
+    louder = Rates.of([(True, True)] * 10 + [(False, False)] * 17 + [(False, True)] * 3)
+    assert "more false alerts" in judge_promotion(active, louder).reasons[0]
+    better = Rates.of([(True, True)] * 10 + [(False, False)] * 20)
+    assert judge_promotion(active, better).allowed
+    assert not judge_promotion(active, better, min_labelled=50).allowed
+    lo, hi = wilson(9, 10)
+    assert 0.59 < lo < 0.60 and 0.98 < hi < 0.99  # the textbook interval for 9 of 10
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := predicate():
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
+    tmp_path: Path, models
+) -> None:
+    loud, quiet = models
+    port = free_port()
+    settings = load_config(
+        None,
+        dicom={"port": port},
+        storage={"spool_dir": str(tmp_path / "spool"),
+                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        model={"dir": str(tmp_path / "models"), "reload_seconds": 0.2},
+    )  # fmt: skip
+    env = {"MRIQA_MODEL__DIR": str(settings.model.dir),
+           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url}  # fmt: skip
+    store = ModelStore(settings.model.dir)
+    store.install(loud)
+    node = Node(settings)
+    node.start()
+    try:
+        installed = CliRunner().invoke(main, ["model", "install", str(quiet), "--shadow"], env=env)
+        assert installed.exit_code == 0 and "as the shadow candidate" in installed.output
+        _wait(lambda: node.worker.shadow is not None, what="the shadow model loaded")
+        sent = [synth_series(4, size=64, seed=60 + k) for k in range(3)]
+        for datasets in sent:
+            assert send_datasets(datasets, "127.0.0.1", port).sent == 4
+        uids = [d[0].SeriesInstanceUID for d in sent]
+
+        def shadow_verdicts() -> bool:
+            with node.sessions() as s:
+                return s.query(ShadowVerdict).count() >= 3
+
+        _wait(shadow_verdicts, what="three shadow verdicts")
+        with node.sessions() as s:
+            # Both models scored every slice; only the active one's scores are SliceScores,
+            # and only the active one alerted (on all three, the candidate on none).
+            assert s.query(SliceScore).count() == s.query(ShadowScore).count() == 12
+            alerts = s.scalars(select(Alert)).all()
+            assert {s.get(Series, a.series_id).series_uid for a in alerts} == set(uids)
+            assert {v.label for v in s.scalars(select(ShadowVerdict))} == {"diagnostic"}
+        assert node.worker.shadow_seconds > 0
+
+        compared = CliRunner().invoke(main, ["model", "compare", "--json"], env=env)
+        assert compared.exit_code == 0, compared.output
+        report = json.loads(compared.output)
+        assert report["series"] == 3 and report["agree"] == 0
+        assert {d["series_uid"] for d in report["differing"]} == set(uids)
+
+        # Feedback: the technologist rescanned two of them, so the alerts were right; the
+        # candidate would have missed both, and the guard refuses it.
+        users = UserService(node.sessions)
+        tech = users.add("tech", "technologist", "pw-tech-123456")
+        acks = AlertService(node.sessions)
+        for alert in alerts[:2]:
+            acks.acknowledge(alert.id, tech, "rescanned")
+        refused = CliRunner().invoke(main, ["model", "promote", "--why", "try",
+                                            "--min-labelled", "2"], env=env)  # fmt: skip
+        assert refused.exit_code != 0 and "catches fewer non-diagnostic series" in refused.output
+        assert store.shadow() is not None and resolve_model(settings) == store.current()
+
+        # Two radiologists rate all three series diagnostic (ratings outweigh the
+        # acknowledgements): the active model's alerts were all false, the candidate's
+        # silence right; the guard lets it through.
+        ratings = RatingService(node.sessions)
+        for name in ("rad1", "rad2"):
+            rad = users.add(name, "radiologist", f"pw-{name}-123456")
+            for uid in uids:
+                ratings.rate(rad, uid, 1)
+        c = ModelComparisons(node.sessions).compare(
+            node.worker.scorer.meta.sha256, node.worker.shadow.meta.sha256, min_labelled=3
+        )
+        assert (c.active_rates.false_alerts, c.candidate_rates.false_alerts) == (3, 0)
+        promoted = CliRunner().invoke(
+            main,
+            ["model", "promote", "--why", "no false alerts", "--by", "ml", "--min-labelled", "3"],
+            env=env,
+        )
+        assert promoted.exit_code == 0, promoted.output
+        _wait(lambda: node.worker.scorer.meta.version == "0.0.0+seed2", what="the promotion")
+        _wait(lambda: node.worker.shadow is None, what="the shadow to stop")
+
+        rolled = CliRunner().invoke(main, ["model", "rollback", "--why", "test"], env=env)
+        assert rolled.exit_code == 0, rolled.output
+        _wait(lambda: node.worker.scorer.meta.version == "0.0.0+seed1", what="the rollback")
+        history = CliRunner().invoke(main, ["model", "history"], env=env)
+        assert "promote" in history.output and "by ml: no false alerts" in history.output
+    finally:
+        node.stop()
