@@ -160,7 +160,8 @@ class WebhookConfig(_Section):
     url: str = Field(pattern=r"^https?://")
     # HMAC-SHA256 key for the X-MRIQA-Signature header; empty: unsigned (not recommended).
     secret: str = ""
-    events: list[Literal["verdict", "alert", "alert_acknowledged"]] = ["verdict", "alert"]
+    events: list[Literal["verdict", "alert", "alert_acknowledged", "drift", "drift_cleared"]] = [
+        "verdict", "alert"]  # fmt: skip
     timeout_seconds: float = Field(5.0, gt=0)
     max_attempts: int = Field(12, ge=1)
     # Retry n waits min(backoff_seconds * 2**(n-1), backoff_max_seconds).

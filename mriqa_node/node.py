@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "bundled"
 MONITOR_INTERVAL = 0.1  # seconds between completion checks
+DRIFT_CHECK_SECONDS = 60.0  # between looks at each scanner's verdicts (services/drift.py)
 
 
 def resolve_model(settings: Settings) -> Path:
@@ -377,9 +378,15 @@ class Node:
             log.error("shadow model at %s refused: %s", path, exc)
 
     def _monitor(self) -> None:
+        from mriqa_node.services.drift import DriftMonitor
+
+        drift, next_drift = DriftMonitor(self.sessions, self.reads), 0.0
         while not self.stopping.wait(MONITOR_INTERVAL):
             try:
                 self.series.tick()
+                if time.monotonic() >= next_drift:
+                    next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
+                    drift.check()
             except Exception:  # database away: keep trying, state is in the database
                 log.exception("series monitor error")
                 self.stopping.wait(1.0)

@@ -26,6 +26,8 @@ from mriqa_node.db.models import (
     SeriesVerdict,
     WebhookDelivery,
 )
+from mriqa_node.domain.drift import GroupDrift
+from mriqa_node.services.drift import DriftMonitor
 from mriqa_node.spool import Spool
 
 VERDICT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -101,6 +103,7 @@ class NodeCollector:
         for state in DeliveryState:
             delivery_family.add_metric([state.value], dict(deliveries).get(state, 0))
         yield delivery_family
+        yield from _drift_metrics(DriftMonitor(self.reads).groups())
         if self.spool is not None:
             space = self.spool.space()
             yield GaugeMetricFamily(
@@ -113,6 +116,33 @@ class NodeCollector:
                 "1 while free space is below [storage] min_free_mb (instances refused with 0xA700)",
                 int(space["low"]),
             )
+
+
+def _drift_metrics(groups: list[GroupDrift]) -> Iterator[Metric]:
+    """Per scanner (calling AE) and protocol with enough series: recent and baseline rates."""
+    labels = ["calling_aet", "protocol", "window"]
+    alert = GaugeMetricFamily(
+        "mriqa_scanner_alert_rate",
+        "Share of series alerted, per scanner and protocol (recent series and the ones before)",
+        labels=labels,
+    )
+    unassessed = GaugeMetricFamily(
+        "mriqa_scanner_not_assessed_rate",
+        "Share of series not assessed, per scanner and protocol",
+        labels=labels,
+    )
+    drifting = GaugeMetricFamily(
+        "mriqa_scanner_drifting",
+        "1 while a scanner's recent verdicts depart from its own baseline",
+        labels=labels[:2],
+    )
+    for g in groups:
+        key = [g.calling_aet or "", g.protocol or ""]
+        for name, w in (("recent", g.recent), ("baseline", g.baseline)):
+            alert.add_metric([*key, name], w.alert_rate)
+            unassessed.add_metric([*key, name], w.not_assessed_rate)
+        drifting.add_metric(key, int(g.drifting))
+    yield from (alert, unassessed, drifting)
 
 
 def registry_for(reads: sessionmaker[Session], spool: Spool | None = None) -> CollectorRegistry:

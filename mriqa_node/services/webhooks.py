@@ -9,7 +9,8 @@ sender per delivery.
 
 What a receiver gets (``Content-Type: application/json``, ``User-Agent: mriqa-node``):
 
-- ``X-MRIQA-Event``: the event kind (``verdict``, ``alert``, ``alert_acknowledged``).
+- ``X-MRIQA-Event``: the event kind (``verdict``, ``alert``, ``alert_acknowledged``, and
+  ``drift`` / ``drift_cleared`` for a scanner whose verdicts depart from its own past).
 - ``X-MRIQA-Delivery``: the delivery id, the same on every retry. Delivery is at least once (a
   2xx that is lost on the way back is sent again), so receivers de-duplicate on it.
 - ``X-MRIQA-Timestamp``: unix seconds when this attempt was sent.
@@ -62,7 +63,10 @@ VERDICT_FIELDS = (
 )
 ITEM_COLUMNS = (WebhookDelivery.id, WebhookDelivery.webhook, WebhookDelivery.attempts, Event.id,
                 Event.kind, Event.series_uid, Event.payload, Event.created_at)  # fmt: skip
-OPTIONAL_FIELDS = {"alert_id": "alert_id", "action": "action", "by": "acknowledged_by"}
+OPTIONAL_FIELDS = {"alert_id": "alert_id", "action": "action", "by": "acknowledged_by",
+                   # drift and drift_cleared (services/drift.py): a scanner, not a series
+                   "protocol": "protocol", "baseline": "baseline", "recent": "recent",
+                   "reasons": "reasons"}  # fmt: skip
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -229,7 +233,8 @@ class WebhookOutbox:
             **{key: p.get(key) for key in VERDICT_FIELDS},
         }
         body |= {out: p[key] for key, out in OPTIONAL_FIELDS.items() if key in p}
-        body["console_url"] = f"{self.console_url}/series/{series_uid}"
+        body["console_url"] = (f"{self.console_url}/series/{series_uid}" if series_uid
+                               else self.console_url)  # fmt: skip
         return body
 
     def deliver(self, item: Delivery) -> bool:
