@@ -543,8 +543,15 @@ def ratings_group() -> None:
 
 @ratings_group.command("export")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--feedback",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the series-level labels (series ratings, alert acknowledgements)"
+    " with their kind and rater, and the model's verdict, to this CSV.",
+)
 @click.pass_context
-def ratings_export(ctx: click.Context, out: Path) -> None:
+def ratings_export(ctx: click.Context, out: Path, feedback: Path | None) -> None:
     """Write the slice ratings as a training manifest (`mriqa-train train --manifest OUT`).
 
     Patient IDs become keyed pseudonyms (the key is the node's console secret)."""
@@ -555,11 +562,13 @@ def ratings_export(ctx: click.Context, out: Path) -> None:
     settings = _settings(ctx)
     engine = make_engine(settings.storage.database_url, readonly=True)
     key = load_session_secret(settings.console.secret_file).encode()
-    n = RatingService(make_sessionmaker(engine)).export_manifest(
-        out, settings.storage.spool_dir, pseudonym_key=key
-    )
-    engine.dispose()
+    ratings = RatingService(make_sessionmaker(engine))
+    n = ratings.export_manifest(out, settings.storage.spool_dir, pseudonym_key=key)
     click.echo(f"{n} rated slice(s) written to {out}")
+    if feedback is not None:
+        m = ratings.export_feedback(feedback, pseudonym_key=key)
+        click.echo(f"{m} series label(s) (ratings, acknowledgements) written to {feedback}")
+    engine.dispose()
 
 
 @main.command()

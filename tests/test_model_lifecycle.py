@@ -3,6 +3,7 @@ on the node's series and feedback, promoted only past the guard, rolled back."""
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -105,7 +106,9 @@ def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
         model={"dir": str(tmp_path / "models"), "reload_seconds": 0.2},
     )  # fmt: skip
     env = {"MRIQA_MODEL__DIR": str(settings.model.dir),
-           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url}  # fmt: skip
+           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url,
+           "MRIQA_STORAGE__SPOOL_DIR": str(settings.storage.spool_dir),
+           "MRIQA_CONSOLE__SECRET_FILE": str(tmp_path / "console.secret")}  # fmt: skip
     store = ModelStore(settings.model.dir)
     store.install(loud)
     node = Node(settings)
@@ -159,6 +162,28 @@ def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
             rad = users.add(name, "radiologist", f"pw-{name}-123456")
             for uid in uids:
                 ratings.rate(rad, uid, 1)
+        # The feedback as labels: the series-level export (kind, rater, label, verdict) and
+        # the Agreement page's summary per scanner and protocol.
+        feedback = tmp_path / "feedback.csv"
+        exported = CliRunner().invoke(main, ["ratings", "export", str(tmp_path / "slices.csv"),
+                                             "--feedback", str(feedback)], env=env)  # fmt: skip
+        assert exported.exit_code == 0, exported.output
+        with feedback.open() as fh:
+            rows = list(csv.DictReader(fh))
+        kinds = sorted((r["kind"], r["rater"], r["label"]) for r in rows)
+        assert kinds == [("ack:rescanned", "tech", "0")] * 2 + [
+            ("rating", rater, "1") for rater in ("rad1", "rad1", "rad1", "rad2", "rad2", "rad2")
+        ]
+        assert {r["model_verdict"] for r in rows} == {"non_diagnostic"}
+        assert all(r["patient_id"].startswith("P") for r in rows)  # pseudonyms, never the ID
+        (scanner,) = ratings.feedback_by_scanner()
+        assert (scanner["calling_aet"], scanner["series"], scanner["alerts"]) == ("SCANNER1", 3, 3)
+        assert (scanner["answered"], scanner["rescanned"], scanner["alert_precision"]) == (
+            2,
+            2,
+            1.0,
+        )
+
         c = ModelComparisons(node.sessions).compare(
             node.worker.scorer.meta.sha256, node.worker.shadow.meta.sha256, min_labelled=3
         )

@@ -23,6 +23,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import (
+    AckAction,
+    Alert,
     Instance,
     ModelVersion,
     Rating,
@@ -35,12 +37,25 @@ from mriqa_node.db.models import (
 from mriqa_node.db.sql import now_utc
 from mriqa_node.domain.agreement import binarise, compare, pairwise
 from mriqa_node.domain.manifest import manifest_header
-from mriqa_node.domain.verdict import DIAGNOSTIC, EXCELLENT, NON_DIAGNOSTIC
+from mriqa_node.domain.verdict import DIAGNOSTIC, EXCELLENT, NON_DIAGNOSTIC, NOT_ASSESSED
 from mriqa_node.services.users import RATE_ROLES, Principal
 
 CLASS_NAMES = [NON_DIAGNOSTIC, DIAGNOSTIC, EXCELLENT]  # rating value = index
 BINARY_CLASS_NAMES = CLASS_NAMES[:2]
 LEVELS = ("slice", "series")
+FEEDBACK_COLUMNS = (
+    "series_uid",
+    "study_uid",
+    "patient_id",
+    "calling_aet",
+    "protocol",
+    "series_description",
+    "kind",
+    "rater",
+    "label",
+    "model_verdict",
+    "at",
+)
 # Default key of the patient pseudonym; a site should pass its own secret (see export_manifest).
 _PSEUDONYM_KEY = b"mriqa-node patient pseudonym v1"
 
@@ -233,7 +248,90 @@ class RatingService:
             "items": len(rated),
             "pairs": pairwise(labels, 3),
             "model": model_rows,
+            "scanners": self.feedback_by_scanner(),
         }
+
+    def feedback(self, pseudonym_key: bytes | None = None) -> list[dict[str, Any]]:
+        """Every label the site gave a series, one row each: ``kind`` "rating" (a rater's
+        series class) or "ack:<action>" (the technologist's answer to an alert: rescanned
+        means the alert was right, accepted or disagree that it was not), ``rater``, ``label``
+        (0 non-diagnostic, 1 diagnostic, 2 excellent; an acknowledgement gives 0 or 1), and
+        the model's verdict of the series at the time (the newest)."""
+        newest = select(func.max(SeriesVerdict.id)).group_by(SeriesVerdict.series_id)
+        with self.reads() as session:
+            verdicts = dict(session.execute(
+                select(SeriesVerdict.series_id, SeriesVerdict.label)
+                .where(SeriesVerdict.id.in_(newest))).all())  # fmt: skip
+            ratings = session.execute(
+                select(Rating.series_id, User.name, Rating.value, Rating.created_at)
+                .join(User, Rating.user_id == User.id).where(Rating.instance_id.is_(None))
+            ).all()  # fmt: skip
+            acks = session.execute(
+                select(Alert.series_id, Alert.acknowledged_by, Alert.action,
+                       Alert.acknowledged_at).where(Alert.action.is_not(None))
+            ).all()  # fmt: skip
+            ids = {r[0] for r in ratings} | {a[0] for a in acks}
+            series = {s.id: s for s in session.scalars(
+                select(Series).where(Series.id.in_(ids)))}  # fmt: skip
+            studies = {
+                st.id: st
+                for st in session.scalars(
+                    select(Study).where(Study.id.in_({s.study_id for s in series.values()}))
+                )
+            }
+        rows = [(sid, "rating", name, value, at) for sid, name, value, at in ratings]
+        rows += [(sid, f"ack:{action}", by, 0 if action == AckAction.rescanned.value else 1, at)
+                 for sid, by, action, at in acks]  # fmt: skip
+        out = []
+        for sid, kind, rater, value, at in sorted(rows, key=lambda r: (r[0], str(r[4]))):
+            s, study = series[sid], studies[series[sid].study_id]
+            out.append({
+                "series_uid": s.series_uid, "study_uid": study.study_uid,
+                "patient_id": patient_pseudonym(study.patient_id, study.study_uid, pseudonym_key),
+                "calling_aet": s.calling_aet or "", "protocol": s.protocol_name or "",
+                "series_description": s.series_description or "", "kind": kind,
+                "rater": rater or "", "label": value, "model_verdict": verdicts.get(sid, ""),
+                "at": _iso(at) if at else "",
+            })  # fmt: skip
+        return out
+
+    def feedback_by_scanner(self) -> list[dict[str, Any]]:
+        """Per scanner (calling AE) and protocol: series decided, alerts, what the technologists
+        answered, and the share of answered alerts that were right (rescanned)."""
+        newest = select(func.max(SeriesVerdict.id)).group_by(SeriesVerdict.series_id)
+        with self.reads() as session:
+            decided = session.execute(
+                select(Series.calling_aet, Series.protocol_name, SeriesVerdict.label,
+                       func.count(SeriesVerdict.id))
+                .join(Series, Series.id == SeriesVerdict.series_id)
+                .where(SeriesVerdict.id.in_(newest))
+                .group_by(Series.calling_aet, Series.protocol_name, SeriesVerdict.label)
+            ).all()  # fmt: skip
+            answered = session.execute(
+                select(Series.calling_aet, Series.protocol_name, Alert.action, func.count(Alert.id))
+                .join(Series, Series.id == Alert.series_id)
+                .group_by(Series.calling_aet, Series.protocol_name, Alert.action)
+            ).all()  # fmt: skip
+        groups: dict[tuple, dict[str, Any]] = {}
+
+        def group(aet: str | None, protocol: str | None) -> dict[str, Any]:
+            return groups.setdefault((aet or "", protocol or ""), {
+                "calling_aet": aet or "", "protocol": protocol or "", "series": 0, "alerts": 0,
+                "not_assessed": 0, "answered": 0, **{a.value: 0 for a in AckAction}})  # fmt: skip
+
+        for aet, protocol, label, n in decided:
+            g = group(aet, protocol)
+            g["series"] += n
+            g["alerts"] += n if label == NON_DIAGNOSTIC else 0
+            g["not_assessed"] += n if label == NOT_ASSESSED else 0
+        for aet, protocol, action, n in answered:
+            if action is not None:
+                g = group(aet, protocol)
+                g[action] += n
+                g["answered"] += n
+        for g in groups.values():
+            g["alert_precision"] = g["rescanned"] / g["answered"] if g["answered"] else None
+        return sorted(groups.values(), key=lambda g: (g["calling_aet"], g["protocol"]))
 
     def _rater_labels(self, session: Session, slice_level: bool) -> dict[str, dict[Hashable, int]]:
         item = Rating.instance_id.is_not(None) if slice_level else Rating.instance_id.is_(None)
@@ -339,6 +437,13 @@ class RatingService:
         }
 
     # -- export -----------------------------------------------------------------------------
+
+    def export_feedback(self, out: Path, pseudonym_key: bytes | None = None) -> int:
+        """Write :meth:`feedback` as CSV (the series-level labels: for choosing and checking a
+        retrained model's series operating point, `mriqa model compare`); returns the rows."""
+        rows = self.feedback(pseudonym_key)
+        _write_csv(Path(out), FEEDBACK_COLUMNS, [{k: str(v) for k, v in r.items()} for r in rows])
+        return len(rows)
 
     def export_manifest(
         self, out: Path, spool_dir: Path, pseudonym_key: bytes | None = None
