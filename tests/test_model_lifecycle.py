@@ -204,3 +204,68 @@ def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
         assert "promote" in history.output and "by ml: no false alerts" in history.output
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_retraining_from_the_nodes_own_ratings_end_to_end(tmp_path: Path, models) -> None:
+    """Series sent, slices rated in the node, exported, a model fine-tuned from the node's
+    own on that export, exported with its operating point, installed as the shadow."""
+    from training.cli import main as train_main
+
+    loud, _ = models
+    port = free_port()
+    settings = load_config(
+        None,
+        dicom={"port": port},
+        storage={"spool_dir": str(tmp_path / "spool"),
+                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        model={"dir": str(tmp_path / "models"), "reload_seconds": 0.2},
+    )  # fmt: skip
+    env = {"MRIQA_MODEL__DIR": str(settings.model.dir),
+           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url,
+           "MRIQA_STORAGE__SPOOL_DIR": str(settings.storage.spool_dir),
+           "MRIQA_CONSOLE__SECRET_FILE": str(tmp_path / "console.secret")}  # fmt: skip
+    ModelStore(settings.model.dir).install(loud)
+    node = Node(settings)
+    node.start()
+    try:
+        # Three subjects, a clean and a moving series each: a train, a val and a test one.
+        sent = [
+            synth_series(
+                4, size=64, seed=80 + k, motion=1.0 if k % 2 else 0.0, patient_id=f"SUBJ{k // 2}"
+            )
+            for k in range(6)
+        ]
+        for datasets in sent:
+            assert send_datasets(datasets, "127.0.0.1", port).sent == 4
+
+        def decided() -> bool:
+            with node.sessions() as s:
+                return s.query(Series).filter(Series.decided_at.is_not(None)).count() == 6
+
+        _wait(decided, what="six verdicts")
+        rad = UserService(node.sessions).add("rad", "radiologist", "pw-rad-123456")
+        ratings = RatingService(node.sessions)
+        for k, datasets in enumerate(sent):
+            for ds in datasets:
+                ratings.rate(rad, ds.SeriesInstanceUID, 0 if k % 2 else 2, ds.SOPInstanceUID)
+        manifest = tmp_path / "slices.csv"
+        exported = CliRunner().invoke(main, ["ratings", "export", str(manifest)], env=env)
+        assert exported.exit_code == 0 and "24 rated slice(s)" in exported.output
+    finally:
+        node.stop()
+
+    run, artifact = tmp_path / "run", tmp_path / "retrained"
+    for args in (
+        ["train", "--manifest", str(manifest), "--out", str(run), "--label", "rater1",
+         "--steps", "4", "--batch", "4", "--widths", ",".join(map(str, TINY_WIDTHS)),
+         "--eval-every", "2", "--fractions", "0.34,0.33,0.33", "--init-from", str(loud),
+         "--cache-dir", str(tmp_path / "cache")],
+        ["export", str(run), "--out", str(artifact), "--version", "0.1.0"],
+    ):  # fmt: skip
+        result = CliRunner().invoke(train_main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["init_from"] == str(loud)
+    installed = CliRunner().invoke(main, ["model", "install", str(artifact), "--shadow"], env=env)
+    assert installed.exit_code == 0, installed.output
+    assert ModelStore(settings.model.dir).shadow() is not None

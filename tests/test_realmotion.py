@@ -113,6 +113,26 @@ def test_corrupt_command_writes_dicom_and_a_manifest(tmp_path: Path):
     assert [Path(r.path).read_bytes() for r in first] == [Path(r.path).read_bytes() for r in second]
 
 
+def test_paired_copies_share_one_look_at_different_motion(tmp_path: Path):
+    """--paired: copies 2k and 2k+1 get the same nuisance draw (window, noise, zoom, flips),
+    so a look never goes with one label only; unpaired copies each draw their own."""
+    import csv
+
+    _write_clean_series(tmp_path / "in" / "a", "SUBJ-A")
+    looks = {}
+    for paired in (True, False):
+        config = CorruptConfig(copies=4, levels=("clean", "heavy"), seed=7, paired=paired)
+        out = tmp_path / f"out-{paired}"
+        write_corrupted([tmp_path / "in"], out, config, progress=False)
+        with (out / "corruption.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        looks[paired] = {int(r["copy"]): r["nuisance"] for r in rows}
+        assert {r["level"] for r in rows if int(r["copy"]) % 2} == {"heavy"}
+    assert looks[True][0] == looks[True][1] and looks[True][2] == looks[True][3]
+    assert looks[True][0] != looks[True][2]
+    assert len(set(looks[False].values())) == 4
+
+
 @needs_anatomy
 def test_real_anatomy_series_and_subjects():
     series = find_series(ANATOMY)

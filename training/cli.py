@@ -88,14 +88,18 @@ def synth(out: Path, subjects: int, slices: tuple[int, int] | None, size: int, s
     "--reslice/--no-reslice", default=True, show_default=True,
     help="Also corrupt the other two planes of 3-D volumes (near-isotropic voxels).",
 )  # fmt: skip
+@click.option(
+    "--paired/--unpaired", default=False, show_default=True,
+    help="Copies 2k and 2k+1 share one nuisance draw (the look) at different motion levels.",
+)  # fmt: skip
 def corrupt(inputs: tuple[Path, ...], out: Path, copies: int, max_slices: int, nuisance: float,
-            seed: int, reslice: bool) -> None:  # fmt: skip
+            seed: int, reslice: bool, paired: bool) -> None:  # fmt: skip
     """Motion-corrupted copies (DICOM + manifest.csv) of the clean series under INPUTS
     (DICOM folders or NIfTI files: real anatomy, a site's own clean series)."""
     from training.realmotion import CorruptConfig, write_corrupted
 
     config = CorruptConfig(copies=copies, max_slices=max_slices, nuisance=nuisance, seed=seed,
-                           reslice=reslice)  # fmt: skip
+                           reslice=reslice, paired=paired)  # fmt: skip
     click.echo(f"manifest: {write_corrupted(inputs, out, config)}")
 
 
@@ -218,10 +222,14 @@ def _train_config(**kw):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--eval-every", default=200, show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--init-from", type=click.Path(exists=True, path_type=Path), default=None,
+    help="Fine-tune: start from this artifact's (or run's) weights, e.g. the node's model.",
+)  # fmt: skip
 def train(manifest: Path, out: Path, model: str, task: str, label: str, steps: int, batch: int,
           lr: float, widths: str, width: int, downsample: int, head: str, val_patients: str,
           test_patients: str, augment: bool, fractions: str, class_weights: bool, seed: int,
-          eval_every: int, cache_dir: Path | None) -> None:  # fmt: skip
+          eval_every: int, cache_dir: Path | None, init_from: Path | None) -> None:  # fmt: skip
     """Train one model (the paper's recipe by default); resumable."""
     from training.train import train as run_training
 
@@ -231,6 +239,7 @@ def train(manifest: Path, out: Path, model: str, task: str, label: str, steps: i
         val_patients=_names(val_patients), test_patients=_names(test_patients),
         fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
         class_weights=class_weights, seed=seed, eval_every=eval_every, cache_dir=cache_dir,
+        init_from=init_from,
     )  # fmt: skip
     click.echo(f"run: {run_training(config)}")
 

@@ -100,6 +100,9 @@ class TrainConfig:
     cache_dtype: str = "float16"
     workers: int | None = None  # decode processes (None: one per CPU)
     progress: bool = True
+    # Fine-tuning: start from this artifact's (or run's) model.keras instead of random weights
+    # (the same architecture: model, widths, input size, classes); e.g. the node's model.
+    init_from: str | Path | None = None
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
@@ -113,7 +116,7 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("manifest", "out_dir", "cache_dir"):
+        for key in ("manifest", "out_dir", "cache_dir", "init_from"):
             out[key] = None if out[key] is None else str(out[key])
         out["widths"], out["fractions"] = list(self.widths), list(self.fractions)
         out["val_patients"] = list(self.val_patients)
@@ -379,6 +382,8 @@ def train(config: TrainConfig, strategy: Any = None) -> Path:
         from training.models import build_model
 
         model = build_model(config.model, config.input_size, num_classes, **config.model_kwargs())
+        if config.init_from:
+            _init_weights(model, Path(config.init_from))
         optimizer = keras.optimizers.Adam(config.lr)
         if runtime.mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -432,6 +437,22 @@ def train(config: TrainConfig, strategy: Any = None) -> Path:
         evaluator.model.save(out / MODEL_FILE)
         _predict(evaluator, cache, data, config, out / PREDICTIONS_FILE)
     return out
+
+
+def _init_weights(model, source: Path) -> None:
+    """Copy a trained model's weights into ``model`` (fine-tuning); refuses another shape."""
+    import keras
+
+    path = source / MODEL_FILE if source.is_dir() else source
+    trained = keras.models.load_model(path, compile=False)
+    mine, theirs = model.weights, trained.weights
+    shapes = [tuple(w.shape) for w in mine], [tuple(w.shape) for w in theirs]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"--init-from {source}: its architecture differs from this run's"
+                         " (model, widths, input size and classes must match)")  # fmt: skip
+    for dst, src in zip(mine, theirs, strict=True):
+        dst.assign(src.numpy())
+    log.info("fine-tuning from %s (%d weight tensors)", path, len(mine))
 
 
 def make_train_step(model, optimizer, strategy, batch: int, weights=None, xla: bool = False):

@@ -1,8 +1,9 @@
 """Motion-corrupted copies of clean real series, written as DICOM with a training manifest.
 
 Each clean source series becomes ``copies`` output series, each one acquisition with its own
-motion level (clean, mild, moderate or heavy), its own nuisance draw (the same for every slice
-of the copy, see ``nuisance``) and its own line order. Per slice the motion amplitude varies a
+motion level (clean, mild, moderate or heavy), a nuisance draw (the same for every slice of the
+copy, see ``nuisance``; shared by copies 2k and 2k + 1, which differ in motion) and its own
+line order. Per slice the motion amplitude varies a
 little around the copy's level (people do not move the same during every slice), the motion is
 made in k-space (``kspace``), and the severity is *measured* on the image; the two simulated
 raters and the truth then read that severity exactly as for the synthetic phantoms, so real
@@ -64,6 +65,10 @@ class CorruptConfig:
     max_slices: int = 32  # per source series, evenly over the slices that show anatomy
     nuisance: float = 1.0  # strength of the nuisances (0: none)
     reslice: bool = True  # also corrupt the other two planes of 3-D volumes
+    # Copies 2k and 2k + 1 share one nuisance draw (window, noise level, zoom, flips...) at
+    # different motion levels: no look then goes with one label only, so the look cannot
+    # stand in for the motion in a small set of subjects.
+    paired: bool = False
     seed: int = 0
 
 
@@ -169,7 +174,11 @@ def _copy(
 ) -> tuple[list[Record], list[dict]]:
     rng = np.random.default_rng(_seed(config.seed, src.name, src.subject, copy))
     picks = _pick(src.slices, config.max_slices)
-    nuisance = draw_nuisance(rng, config.nuisance)
+    if config.paired:
+        look = np.random.default_rng(_seed(config.seed, src.name, src.subject, copy // 2, "look"))
+        nuisance = draw_nuisance(look, config.nuisance)
+    else:
+        nuisance = draw_nuisance(rng, config.nuisance)
     lo, hi = LEVELS[level]
     base = float(rng.uniform(lo, hi))
     n_pe = src.slices.shape[1 + src.pe_axis]
