@@ -344,19 +344,18 @@ def _comparison(settings: Settings, min_labelled: int = 1):
     from mriqa_node.db.engine import make_engine, make_sessionmaker
     from mriqa_node.ml.store import ModelStore
     from mriqa_node.node import resolve_model
-    from mriqa_node.services.models import ModelComparisons
+    from mriqa_node.services.models import ModelOverview
 
-    candidate = ModelStore(settings.model.dir).shadow()
-    if candidate is None:
-        raise click.ClickException("no shadow model installed (mriqa model install PATH --shadow)")
-    active_sha = json.loads((resolve_model(settings) / "model.json").read_text())["sha256"]
-    candidate_sha = json.loads((candidate / "model.json").read_text())["sha256"]
     engine = make_engine(settings.storage.database_url, readonly=True)
     try:
-        return ModelComparisons(make_sessionmaker(engine)).compare(active_sha, candidate_sha,
-                                                                   min_labelled)  # fmt: skip
+        overview = ModelOverview(make_sessionmaker(engine), ModelStore(settings.model.dir),
+                                 lambda: resolve_model(settings))  # fmt: skip
+        compared = overview.compare(min_labelled)
     finally:
         engine.dispose()
+    if compared is None:
+        raise click.ClickException("no shadow model installed (mriqa model install PATH --shadow)")
+    return compared
 
 
 @model_group.command("compare")

@@ -290,6 +290,7 @@ class Node:
         from mriqa_node.console.server import ConsoleServer
         from mriqa_node.services.alerts import AlertService
         from mriqa_node.services.forwarding import ForwardQueue
+        from mriqa_node.services.models import ModelOverview
         from mriqa_node.services.ratings import RatingService
         from mriqa_node.services.users import UserService
 
@@ -297,6 +298,11 @@ class Node:
         ctx = ConsoleContext(
             settings=self.settings,
             reads=self.reads,
+            models=ModelOverview(
+                self.reads,
+                ModelStore(self.settings.model.dir),
+                lambda: resolve_model(self.settings),
+            ),
             users=UserService(self.sessions, self.reads),
             alerts=AlertService(self.sessions, self.reads),
             ratings=RatingService(self.sessions, self.reads),

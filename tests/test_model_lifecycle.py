@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from mriqa_node.cli import main
 from mriqa_node.config import load_config
+from mriqa_node.console.app import ConsoleContext, create_app
 from mriqa_node.db.models import Alert, Series, ShadowScore, ShadowVerdict, SliceScore
 from mriqa_node.dicom.scu import send_datasets
 from mriqa_node.domain.evaluation import Rates, judge_promotion, wilson
@@ -22,7 +24,7 @@ from mriqa_node.ml.store import ModelStore, StoreError
 from mriqa_node.node import Node, resolve_model
 from mriqa_node.phantom import synth_series
 from mriqa_node.services.alerts import AlertService
-from mriqa_node.services.models import ModelComparisons
+from mriqa_node.services.models import ModelComparisons, ModelOverview
 from mriqa_node.services.ratings import RatingService
 from mriqa_node.services.users import UserService
 from tests.conftest import TINY_WIDTHS
@@ -183,6 +185,22 @@ def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
             2,
             1.0,
         )
+
+        # The console's Models page and API show the same comparison, linked to the series.
+        admin_token = users.create_token(users.add("admin", "admin", "pw-admin-123456").name)
+        ctx = ConsoleContext(
+            settings=settings, reads=node.reads, users=users, alerts=acks, ratings=ratings,
+            images=node.slice_images,
+            models=ModelOverview(node.reads, store, lambda: resolve_model(settings)),
+        )  # fmt: skip
+        with TestClient(create_app(ctx, "test-secret")) as client:
+            auth = {"Authorization": f"Bearer {admin_token}"}
+            report = client.get("/api/models", headers=auth).json()
+            assert report["candidate"]["version"] == "0.0.0+seed2"
+            assert report["comparison"]["series"] == 3
+            page = client.get("/models", headers=auth)
+            assert page.status_code == 200 and "Series where they differ" in page.text
+            assert all(f'href="/series/{uid}"' in page.text for uid in uids)
 
         c = ModelComparisons(node.sessions).compare(
             node.worker.scorer.meta.sha256, node.worker.shadow.meta.sha256, min_labelled=3

@@ -41,6 +41,7 @@ from mriqa_node.services import queries
 from mriqa_node.services.alerts import AlertConflict, AlertNotFound, AlertService
 from mriqa_node.services.forwarding import ForwardQueue
 from mriqa_node.services.images import SliceImages, SliceNotFound
+from mriqa_node.services.models import ModelOverview
 from mriqa_node.services.ratings import Forbidden, NotFound, RatingError, RatingService
 from mriqa_node.services.receiving import JournaledIntake
 from mriqa_node.services.users import ACK_ROLES, ADMIN_ROLES, RATE_ROLES, Principal, UserService
@@ -67,6 +68,7 @@ class ConsoleContext:
     outbox: Any = None  # WebhookOutbox when webhooks are configured
     forwarding: ForwardQueue | None = None  # the PACS forwarding outbox, when configured
     receiving: JournaledIntake | None = None  # the receive journal, in a receiving process
+    models: ModelOverview | None = None  # the active model, a shadow candidate, the comparison
 
 
 def _ctx(request: Request) -> ConsoleContext:
@@ -213,6 +215,15 @@ def agreement(
 ) -> dict[str, Any]:
     """Cohen's kappa and Jaccard index matrices between raters and between raters and model."""
     return ctx.ratings.agreement(level)
+
+
+@api.get("/models")
+def models(ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
+    """The active model, the shadow candidate, where their verdicts differ and both against
+    the site's feedback (what `mriqa model promote` judges), and the model history."""
+    if ctx.models is None:
+        raise HTTPException(404, "no model overview in this process")
+    return ctx.models.report()
 
 
 @api.get("/webhooks/deliveries")
@@ -369,6 +380,13 @@ def agreement_page(
     live = _live(ctx)
     return _page(request, "agreement.html", user, report=ctx.ratings.agreement(level),
                  level=level, **live)  # fmt: skip
+
+
+@pages.get("/models")
+def models_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
+    live = _live(ctx)
+    report = ctx.models.report() if ctx.models is not None else None
+    return _page(request, "models.html", user, report=report, **live)
 
 
 @pages.get("/admin/webhooks")

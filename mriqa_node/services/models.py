@@ -7,8 +7,11 @@ the candidate, says where they differ, and scores both against the site's feedba
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -25,6 +28,7 @@ from mriqa_node.db.models import (
 )
 from mriqa_node.domain.evaluation import Judgement, Rates, judge_promotion
 from mriqa_node.domain.verdict import NON_DIAGNOSTIC, NOT_ASSESSED
+from mriqa_node.ml.store import ModelStore
 
 FALSE_ALERT_ACTIONS = (AckAction.accepted.value, AckAction.disagree.value)
 
@@ -103,6 +107,46 @@ class ModelComparisons:
             comparison.active_rates, comparison.candidate_rates, min_labelled
         )
         return comparison
+
+
+class ModelOverview:
+    """The active model, the shadow candidate and how they compare, for `mriqa model compare`
+    and the console's Models page."""
+
+    def __init__(self, reads: sessionmaker[Session], store: ModelStore,
+                 active: Callable[[], Path]) -> None:  # fmt: skip
+        self.comparisons = ModelComparisons(reads)
+        self.store = store
+        self.active = active  # the artifact directory the node uses now
+
+    def compare(self, min_labelled: int = 1) -> Comparison | None:
+        """None when no shadow candidate is installed."""
+        shadow = self.store.shadow()
+        if shadow is None:
+            return None
+        return self.comparisons.compare(_sha(self.active()), _sha(shadow), min_labelled)
+
+    def report(self, min_labelled: int = 10) -> dict[str, Any]:
+        shadow = self.store.shadow()
+        compared = self.compare(min_labelled)
+        return {
+            "active": _card(self.active()),
+            "candidate": _card(shadow) if shadow else None,
+            "comparison": compared.to_json() if compared else None,
+            "min_labelled": min_labelled,
+            "history": self.store.history()[-20:][::-1],
+        }
+
+
+def _sha(artifact: Path) -> str:
+    return json.loads((artifact / "model.json").read_text())["sha256"]
+
+
+def _card(artifact: Path) -> dict[str, Any]:
+    meta = json.loads((artifact / "model.json").read_text())
+    return {"name": meta.get("name"), "version": meta.get("version"),
+            "sha256": meta.get("sha256"), "task": meta.get("task"),
+            "trained": meta.get("trained", True), "path": str(artifact)}  # fmt: skip
 
 
 def feedback_labels(session: Session) -> dict[int, bool]:
