@@ -105,8 +105,10 @@ def bare_rate(scorer, n: int, batch: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / n
 
 
-def worker_rate(node, scorer, n: int) -> tuple[float, dict[str, float], float, float]:
-    """(slices/s, seconds inside wrapped methods, drain seconds, process CPU ms per slice)."""
+def worker_rate(node, scorer, n: int, shadow=None) -> tuple[float, dict[str, float], float, float]:
+    """(slices/s, seconds inside wrapped methods, drain seconds, process CPU ms per slice);
+    with ``shadow``, a candidate scores the same slices beside it (its model time is
+    ``shadow_predict`` in the seconds)."""
     import numpy as np
 
     from mriqa_node import worker as worker_mod
@@ -123,6 +125,8 @@ def worker_rate(node, scorer, n: int) -> tuple[float, dict[str, float], float, f
         w.poll_seconds,
         wake=node.work_available,
     )
+    if shadow is not None:
+        worker.set_shadow(shadow)
     size = scorer.meta.input_size
     sizes = {w.max_batch, n % w.max_batch or w.max_batch}
     for b in sizes:  # same untimed kernel set-up as the bare run gets
@@ -146,6 +150,7 @@ def worker_rate(node, scorer, n: int) -> tuple[float, dict[str, float], float, f
         worker_mod.prepare = real_prepare
         scorer.predict = real_predict
         worker._pool.shutdown(wait=True)
+    timers.seconds["shadow_predict"] = worker.shadow_seconds
     depth = node.queue.depth()
     if handled != n or worker.scored_slices != n or depth:
         raise RuntimeError(
@@ -166,6 +171,12 @@ def main() -> int:
     )
     ap.add_argument("--widths", default="32,64,128,256", help="ConvNet widths (default full)")
     ap.add_argument("--model", type=Path, help="use this model artifact instead of building one")
+    ap.add_argument(
+        "--shadow",
+        action="store_true",
+        help="also: the worker with a shadow candidate (another model of the same size) at the"
+        " first max_batch, against the worker alone",
+    )
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     widths = tuple(int(w) for w in args.widths.split(","))
@@ -266,8 +277,44 @@ def main() -> int:
         " before and after it (wall clock: sensitive to other load). bare/worker CPU compares"
         " process CPU time per slice (robust to other load). Target worker/bare >= 90 %."
     )
+    if args.shadow:
+        shadow_cost(root, model, scorer, batches[0], args, encoded)
     print(f"# load average at the end: {os.getloadavg()[0]:.2f} (other processes share the CPU)")
     return 0
+
+
+def shadow_cost(root: Path, model: Path, scorer, batch: int, args, encoded) -> None:
+    """What a shadow candidate costs: the worker with and without one, alternating."""
+    from mriqa_node.ml.artifact import untrained_convnet_artifact
+    from mriqa_node.ml.scorer import Scorer
+
+    candidate = root / "shadow"
+    widths = tuple(int(w) for w in args.widths.split(","))
+    if args.model is None:
+        untrained_convnet_artifact(candidate, seed=1, widths=widths)
+    else:
+        candidate = args.model  # the same artifact as its own candidate: the same cost
+    shadow = Scorer(candidate)
+    shadow.warm_up()
+    rates: dict[str, list[float]] = {"alone": [], "with shadow": []}
+    model_s: list[float] = []
+    for rep in range(max(args.repeat, 2)):
+        for name in rates:
+            node = fill(root / f"shadow-{name}-{rep}", model, batch, encoded)
+            try:
+                rate, spent, _, _ = worker_rate(
+                    node, scorer, args.slices, shadow if name == "with shadow" else None
+                )
+            finally:
+                node.engine.dispose()
+            rates[name].append(rate)
+            if name == "with shadow":
+                model_s.append(spent["shadow_predict"])
+    alone, shadowed = median(rates["alone"]), median(rates["with shadow"])
+    print(f"# shadow candidate, max_batch {batch}: worker alone {alone:.1f} slices/s, with a"
+          f" shadow {shadowed:.1f} slices/s ({100 * shadowed / alone:.0f} %); the candidate's"
+          f" model time {median(model_s):.1f} s for {args.slices} slices"
+          f" (runs: {rates})")  # fmt: skip
 
 
 if __name__ == "__main__":
