@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import time
+import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
+import tomli_w
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -16,19 +19,21 @@ from sqlalchemy import select
 from mriqa_node.cli import main
 from mriqa_node.config import load_config
 from mriqa_node.console.app import ConsoleContext, create_app
+from mriqa_node.db.engine import make_engine, make_sessionmaker
 from mriqa_node.db.models import Alert, Series, ShadowScore, ShadowVerdict, SliceScore
 from mriqa_node.dicom.scu import send_datasets
 from mriqa_node.domain.evaluation import Rates, judge_promotion, wilson
 from mriqa_node.ml.artifact import untrained_convnet_artifact
 from mriqa_node.ml.store import ModelStore, StoreError
 from mriqa_node.node import Node, resolve_model
-from mriqa_node.phantom import synth_series
+from mriqa_node.phantom import synth_series, write_series
 from mriqa_node.services.alerts import AlertService
 from mriqa_node.services.models import ModelComparisons, ModelOverview
 from mriqa_node.services.ratings import RatingService
 from mriqa_node.services.users import UserService
-from tests.conftest import TINY_WIDTHS
-from tests.peers import free_port
+from tests.conftest import TINY_WIDTHS, storescu, write_config
+from tests.peers import NodeProcess, free_port, wait_for
+from tests.test_node_e2e import mriqa_cli
 
 
 def _artifact(directory: Path, seed: int, series_threshold: float) -> Path:
@@ -287,3 +292,86 @@ def test_retraining_from_the_nodes_own_ratings_end_to_end(tmp_path: Path, models
     installed = CliRunner().invoke(main, ["model", "install", str(artifact), "--shadow"], env=env)
     assert installed.exit_code == 0, installed.output
     assert ModelStore(settings.model.dir).shadow() is not None
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_the_life_cycle_against_a_real_serve_on_postgresql(pg_url: str, tmp_path: Path,
+                                                           models) -> None:  # fmt: skip
+    """`mriqa serve` on PostgreSQL, DCMTK storescu as the scanner, feedback through the
+    console API, the model commands as a site's ML engineer types them."""
+    loud, quiet = models
+    port, console_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "node.toml", port, pg_url, loud,
+        console={"port": console_port, "secret_file": str(tmp_path / "console.secret")},
+    )  # fmt: skip
+    settings = tomllib.loads(config.read_text())  # the models as installed, not pinned
+    settings["model"] = {"dir": str(tmp_path / "models"), "reload_seconds": 0.3}
+    config.write_text(tomli_w.dumps(settings))
+
+    def cli(*args: str, ok: bool = True) -> str:
+        done = mriqa_cli(config, *args)
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    cli("model", "install", str(loud))
+    node = NodeProcess(config, port, tmp_path / "node.log").start()
+    try:
+        cli("model", "install", str(quiet), "--shadow")
+        wait_for(lambda: "shadow model: convnet-untrained 0.0.0+seed2" in node.log(), 60)
+        series = [write_series(synth_series(4, size=64, seed=90 + k), tmp_path / f"s{k}")
+                  for k in range(2)]  # fmt: skip
+        for files in series:
+            storescu(port, files)
+        base = f"http://127.0.0.1:{console_port}"
+        engine = make_engine(pg_url)
+        users = UserService(make_sessionmaker(engine))
+        tokens = {}
+        for name, role in (("tech", "technologist"), ("rad1", "radiologist"),
+                           ("rad2", "radiologist"), ("ops", "admin")):  # fmt: skip
+            users.add(name, role, f"pw-{name}-123456")
+            tokens[name] = {"Authorization": f"Bearer {users.create_token(name)}"}
+        engine.dispose()
+
+        def compared() -> dict | None:
+            r = httpx.get(f"{base}/api/models", headers=tokens["ops"])
+            assert r.status_code == 200, r.text
+            report = r.json()
+            c = report["comparison"]
+            return report if c and c["series"] == 2 else None
+
+        report = wait_for(compared, 60)
+        assert report["comparison"]["agree"] == 0 and len(report["comparison"]["differing"]) == 2
+        alerts = httpx.get(f"{base}/api/alerts?state=open", headers=tokens["ops"]).json()
+        assert len(alerts) == 2  # the active model's; the candidate alerted on none
+        for alert in alerts:
+            r = httpx.post(f"{base}/api/alerts/{alert['id']}/ack", json={"action": "rescanned"},
+                           headers=tokens["tech"])  # fmt: skip
+            assert r.status_code == 200
+        out = cli("model", "promote", "--why", "try", "--min-labelled", "2", ok=False)
+        assert "catches fewer non-diagnostic series: 0 against 2 of 2" in out
+
+        for rater in ("rad1", "rad2"):
+            for alert in alerts:
+                r = httpx.post(f"{base}/api/ratings", json={"series_uid": alert["series_uid"],
+                               "value": 2}, headers=tokens[rater])  # fmt: skip
+                assert r.status_code == 200
+        assert "may be promoted" in cli("model", "compare")
+        cli("model", "promote", "--why", "no false alerts", "--min-labelled", "2")
+
+        def active() -> str:
+            return httpx.get(f"{base}/api/models", headers=tokens["ops"]).json()["active"][
+                "version"
+            ]
+
+        wait_for(lambda: "model promoted" in node.log(), 60)
+        assert active() == "0.0.0+seed2"
+        cli("model", "rollback", "--why", "back")
+        wait_for(lambda: node.log().count("model promoted") >= 2, 60)
+        assert active() == "0.0.0+seed1"
+        assert [e["action"] for e in httpx.get(f"{base}/api/models",
+                headers=tokens["ops"]).json()["history"]] == [
+            "rollback", "promote", "install-shadow", "install"]  # fmt: skip
+    finally:
+        node.stop()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import (
@@ -158,7 +158,9 @@ def feedback_labels(session: Session) -> dict[int, bool]:
     ):
         labels[series_id] = action == AckAction.rescanned.value
     votes = session.execute(
-        select(Rating.series_id, func.sum(Rating.value == 0), func.count(Rating.id))
+        select(
+            Rating.series_id, func.sum(case((Rating.value == 0, 1), else_=0)), func.count(Rating.id)
+        )
         .where(Rating.instance_id.is_(None))
         .group_by(Rating.series_id)
     )
