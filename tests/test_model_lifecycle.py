@@ -90,6 +90,24 @@ def test_the_guard_refuses_a_worse_candidate_and_says_why() -> None:
     assert wilson(0, 0) == (0.0, 1.0)
 
 
+def _node_settings(tmp_path: Path):
+    """A node on SQLite with models installed (not pinned), and the same settings as the
+    environment the CLI commands read: (DICOM port, settings, environment)."""
+    port = free_port()
+    settings = load_config(
+        None,
+        dicom={"port": port},
+        storage={"spool_dir": str(tmp_path / "spool"),
+                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
+        model={"dir": str(tmp_path / "models"), "reload_seconds": 0.2},
+    )  # fmt: skip
+    env = {"MRIQA_MODEL__DIR": str(settings.model.dir),
+           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url,
+           "MRIQA_STORAGE__SPOOL_DIR": str(settings.storage.spool_dir),
+           "MRIQA_CONSOLE__SECRET_FILE": str(tmp_path / "console.secret")}  # fmt: skip
+    return port, settings, env
+
+
 def _wait(predicate, timeout: float = 60.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,18 +122,7 @@ def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
     tmp_path: Path, models
 ) -> None:
     loud, quiet = models
-    port = free_port()
-    settings = load_config(
-        None,
-        dicom={"port": port},
-        storage={"spool_dir": str(tmp_path / "spool"),
-                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
-        model={"dir": str(tmp_path / "models"), "reload_seconds": 0.2},
-    )  # fmt: skip
-    env = {"MRIQA_MODEL__DIR": str(settings.model.dir),
-           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url,
-           "MRIQA_STORAGE__SPOOL_DIR": str(settings.storage.spool_dir),
-           "MRIQA_CONSOLE__SECRET_FILE": str(tmp_path / "console.secret")}  # fmt: skip
+    port, settings, env = _node_settings(tmp_path)
     store = ModelStore(settings.model.dir)
     store.install(loud)
     node = Node(settings)
@@ -236,18 +243,7 @@ def test_retraining_from_the_nodes_own_ratings_end_to_end(tmp_path: Path, models
     from training.cli import main as train_main
 
     loud, _ = models
-    port = free_port()
-    settings = load_config(
-        None,
-        dicom={"port": port},
-        storage={"spool_dir": str(tmp_path / "spool"),
-                 "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}"},
-        model={"dir": str(tmp_path / "models"), "reload_seconds": 0.2},
-    )  # fmt: skip
-    env = {"MRIQA_MODEL__DIR": str(settings.model.dir),
-           "MRIQA_STORAGE__DATABASE_URL": settings.storage.database_url,
-           "MRIQA_STORAGE__SPOOL_DIR": str(settings.storage.spool_dir),
-           "MRIQA_CONSOLE__SECRET_FILE": str(tmp_path / "console.secret")}  # fmt: skip
+    port, settings, env = _node_settings(tmp_path)
     ModelStore(settings.model.dir).install(loud)
     node = Node(settings)
     node.start()
