@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from mriqa_node.domain.drift import DriftRule
+
 
 def _compiles(v: str) -> str:
     try:
@@ -122,6 +124,20 @@ class VerdictConfig(_Section):
     series_threshold: float | None = Field(None, ge=0, le=1)
     top_fraction: float | None = Field(None, gt=0, le=1)
     worst_count: int | None = Field(None, ge=1)
+
+
+class DriftConfig(_Section):
+    """Each scanner (calling AE) and protocol against its own past (services/drift.py)."""
+
+    check_seconds: float = Field(60.0, gt=0)  # between the node's looks
+    recent: int = Field(20, ge=2)  # series in the recent window
+    baseline: int = Field(60, ge=2)  # at most, before it
+    min_baseline: int = Field(20, ge=2)  # fewer baseline series: the group says nothing yet
+    z: float = Field(3.0, gt=0)  # |z| of the alert or not-assessed rate change
+    ks_alpha: float = Field(0.001, gt=0, lt=1)  # of the score distributions' KS test
+
+    def rule(self) -> DriftRule:
+        return DriftRule(**self.model_dump(exclude={"check_seconds"}))
 
 
 class ConsoleConfig(_Section):
@@ -265,6 +281,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     worker: WorkerConfig = WorkerConfig()
     verdict: VerdictConfig = VerdictConfig()
+    drift: DriftConfig = DriftConfig()
     console: ConsoleConfig = ConsoleConfig()
     webhooks: list[WebhookConfig] = []
     pacs: PacsConfig = PacsConfig()

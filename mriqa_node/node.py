@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "bundled"
 MONITOR_INTERVAL = 0.1  # seconds between completion checks
-DRIFT_CHECK_SECONDS = 60.0  # between looks at each scanner's verdicts (services/drift.py)
 
 
 def resolve_model(settings: Settings) -> Path:
@@ -309,6 +308,7 @@ class Node:
             images=self.slice_images,
             spool=self.spool,
             receiving=self.receiving,
+            drift=self._drift_monitor(),
             outbox=self._webhook_outbox() if self.settings.webhooks else None,
             forwarding=ForwardQueue(self.sessions, self.reads)
             if self.settings.pacs.destinations
@@ -383,15 +383,18 @@ class Node:
             refused.add(sha)
             log.error("shadow model at %s refused: %s", path, exc)
 
-    def _monitor(self) -> None:
+    def _drift_monitor(self):
         from mriqa_node.services.drift import DriftMonitor
 
-        drift, next_drift = DriftMonitor(self.sessions, self.reads), 0.0
+        return DriftMonitor(self.sessions, self.reads, self.settings.drift.rule())
+
+    def _monitor(self) -> None:
+        drift, next_drift = self._drift_monitor(), 0.0
         while not self.stopping.wait(MONITOR_INTERVAL):
             try:
                 self.series.tick()
                 if time.monotonic() >= next_drift:
-                    next_drift = time.monotonic() + DRIFT_CHECK_SECONDS
+                    next_drift = time.monotonic() + self.settings.drift.check_seconds
                     drift.check()
             except Exception:  # database away: keep trying, state is in the database
                 log.exception("series monitor error")

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tests import phi
 from tests.peers import (
     DCMTK_ENV,
     NODE_LOGS,
+    FlakyReceiver,
     NodeProcess,
     dcmtk_tool,
     free_port,
@@ -216,3 +218,14 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return key, cert
+
+
+@pytest.fixture
+def receiver() -> Iterator[FlakyReceiver]:
+    """A webhook receiver on a free port (fails twice, then accepts)."""
+    server = FlakyReceiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -11,10 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -137,3 +139,28 @@ class NodeProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class FlakyReceiver(ThreadingHTTPServer):
+    """Answers 500 to the first two requests, then 200; keeps every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes, int]] = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FlakyReceiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            status = 500 if len(self.server.requests) < 2 else 200
+            self.server.requests.append((dict(self.headers), body, status))
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass

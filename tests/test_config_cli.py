@@ -69,6 +69,15 @@ def test_load_from_toml_with_defaults_for_the_rest(tmp_path: Path) -> None:
     assert s.worker.max_batch == 16 and s.storage.fsync is True
 
 
+def test_the_deploy_example_is_a_valid_config_with_every_section() -> None:
+    """deploy/node.toml is what a site copies: it must load, and show each section."""
+    example = Path(__file__).resolve().parents[1] / "deploy" / "node.toml"
+    settings = load_config(example)
+    sections = set(tomllib.loads(example.read_text()))
+    assert sections >= set(Settings.model_fields) - {"webhooks", "scope"}
+    assert settings.drift.rule().recent == 20
+
+
 def test_environment_overrides_the_file_key_by_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -105,6 +114,8 @@ def test_config_path_from_mriqa_config(tmp_path: Path, monkeypatch: pytest.Monke
         ("[verdict]\ntop_fraction = 0\n", "verdict.top_fraction"),
         ('[worker]\nmax_batch = "many"\n', "worker.max_batch"),
         ('[storage]\nfsync = "sometimes"\n', "storage.fsync"),
+        ("[drift]\nrecent = 1\n", "drift.recent"),
+        ("[drift]\nks_alpha = 1.5\n", "drift.ks_alpha"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -106,7 +106,7 @@ def test_every_route_needs_authentication(console: Console) -> None:
         ("GET", "/api/openapi.json"), ("GET", "/admin/forwarding"),
         ("GET", "/metrics"), ("GET", "/"), ("GET", f"/series/{uid}"), ("GET", "/alerts"),
         ("GET", "/agreement"), ("GET", "/admin/webhooks"), ("POST", "/logout"),
-        ("GET", "/api/models"), ("GET", "/models"),
+        ("GET", "/api/models"), ("GET", "/models"), ("GET", "/api/drift"), ("GET", "/scanners"),
     ]  # fmt: skip
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic x"}):

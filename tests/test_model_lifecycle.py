@@ -238,15 +238,16 @@ def test_shadow_scores_beside_the_active_model_and_is_promoted_past_the_guard(
 
 @pytest.mark.slow
 def test_retraining_from_the_nodes_own_ratings_end_to_end(tmp_path: Path, models) -> None:
-    """Series sent, slices rated in the node, exported, a model fine-tuned from the node's
-    own on that export, exported with its operating point, installed as the shadow."""
+    """`mriqa serve`, storescu as the scanner: slices rated through the console API, exported,
+    a model fine-tuned from the node's own on that export, exported with its operating point,
+    installed as the shadow of the running node and compared with the active one."""
     from training.cli import main as train_main
 
     loud, _ = models
-    port, settings, env = _node_settings(tmp_path)
-    ModelStore(settings.model.dir).install(loud)
-    node = Node(settings)
-    node.start()
+    config, console, cli = _served(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}")
+    cli("model", "install", str(loud))
+    port = tomllib.loads(config.read_text())["dicom"]["port"]
+    node = NodeProcess(config, port, tmp_path / "node.log").start()
     try:
         # Three subjects, a clean and a moving series each: a train, a val and a test one.
         sent = [
@@ -255,39 +256,79 @@ def test_retraining_from_the_nodes_own_ratings_end_to_end(tmp_path: Path, models
             )
             for k in range(6)
         ]
-        for datasets in sent:
-            assert send_datasets(datasets, "127.0.0.1", port).sent == 4
+        for k, datasets in enumerate(sent):
+            storescu(port, write_series(datasets, tmp_path / f"s{k}"))
+        auth = _token(config, "rad", "radiologist")
 
         def decided() -> bool:
-            with node.sessions() as s:
-                return s.query(Series).filter(Series.decided_at.is_not(None)).count() == 6
+            rows = httpx.get(f"{console}/api/series", headers=auth).json()["items"]
+            return sum(r["state"] == "decided" for r in rows) == 6
 
-        _wait(decided, what="six verdicts")
-        rad = UserService(node.sessions).add("rad", "radiologist", "pw-rad-123456")
-        ratings = RatingService(node.sessions)
+        wait_for(decided, 60, what="six verdicts")
         for k, datasets in enumerate(sent):
             for ds in datasets:
-                ratings.rate(rad, ds.SeriesInstanceUID, 0 if k % 2 else 2, ds.SOPInstanceUID)
+                r = httpx.post(f"{console}/api/ratings", headers=auth, json={
+                    "series_uid": ds.SeriesInstanceUID, "sop_instance_uid": ds.SOPInstanceUID,
+                    "value": 0 if k % 2 else 2})  # fmt: skip
+                assert r.status_code == 200, r.text
         manifest = tmp_path / "slices.csv"
-        exported = CliRunner().invoke(main, ["ratings", "export", str(manifest)], env=env)
-        assert exported.exit_code == 0 and "24 rated slice(s)" in exported.output
+        assert "24 rated slice(s)" in cli("ratings", "export", str(manifest))
+
+        run, artifact = tmp_path / "run", tmp_path / "retrained"
+        for args in (
+            ["train", "--manifest", str(manifest), "--out", str(run), "--label", "rater1",
+             "--steps", "4", "--batch", "4", "--widths", ",".join(map(str, TINY_WIDTHS)),
+             "--eval-every", "2", "--fractions", "0.34,0.33,0.33", "--init-from", str(loud),
+             "--cache-dir", str(tmp_path / "cache")],
+            ["export", str(run), "--out", str(artifact), "--version", "0.1.0"],
+        ):  # fmt: skip
+            result = CliRunner().invoke(train_main, args, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+        assert json.loads((run / "config.json").read_text())["init_from"] == str(loud)
+        assert "as the shadow candidate" in cli("model", "install", str(artifact), "--shadow")
+        wait_for(lambda: "shadow model:" in node.log(), 60, what="the retrained shadow loaded")
+        storescu(port, write_series(synth_series(4, size=64, seed=99), tmp_path / "after"))
+
+        def compared() -> dict | None:
+            done = mriqa_cli(config, "model", "compare", "--json")
+            assert done.returncode == 0, done.stderr
+            c = json.loads(done.stdout)
+            return c if c["series"] == 1 else None
+
+        report = wait_for(compared, 60, what="the candidate's verdict beside the active one")
+        assert "0.1.0" in json.dumps(report["candidate"]), report["candidate"]
     finally:
         node.stop()
 
-    run, artifact = tmp_path / "run", tmp_path / "retrained"
-    for args in (
-        ["train", "--manifest", str(manifest), "--out", str(run), "--label", "rater1",
-         "--steps", "4", "--batch", "4", "--widths", ",".join(map(str, TINY_WIDTHS)),
-         "--eval-every", "2", "--fractions", "0.34,0.33,0.33", "--init-from", str(loud),
-         "--cache-dir", str(tmp_path / "cache")],
-        ["export", str(run), "--out", str(artifact), "--version", "0.1.0"],
-    ):  # fmt: skip
-        result = CliRunner().invoke(train_main, args, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text())["init_from"] == str(loud)
-    installed = CliRunner().invoke(main, ["model", "install", str(artifact), "--shadow"], env=env)
-    assert installed.exit_code == 0, installed.output
-    assert ModelStore(settings.model.dir).shadow() is not None
+
+def _served(tmp_path: Path, db_url: str):
+    """A `mriqa serve` config with models installed (not pinned): (config, console URL, a
+    function that runs the `mriqa` command line on it and returns its output)."""
+    port, console_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "node.toml", port, db_url, tmp_path,
+        console={"port": console_port, "secret_file": str(tmp_path / "console.secret")},
+    )  # fmt: skip
+    settings = tomllib.loads(config.read_text())
+    settings["model"] = {"dir": str(tmp_path / "models"), "reload_seconds": 0.3}
+    config.write_text(tomli_w.dumps(settings))
+
+    def cli(*args: str, ok: bool = True) -> str:
+        done = mriqa_cli(config, *args)
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    return config, f"http://127.0.0.1:{console_port}", cli
+
+
+def _token(config: Path, name: str, role: str) -> dict[str, str]:
+    """A user of the node's database and its bearer header."""
+    engine = make_engine(tomllib.loads(config.read_text())["storage"]["database_url"])
+    users = UserService(make_sessionmaker(engine))
+    users.add(name, role, f"pw-{name}-123456")
+    header = {"Authorization": f"Bearer {users.create_token(name)}"}
+    engine.dispose()
+    return header
 
 
 @pytest.mark.slow
@@ -297,20 +338,8 @@ def test_the_life_cycle_against_a_real_serve_on_postgresql(pg_url: str, tmp_path
     """`mriqa serve` on PostgreSQL, DCMTK storescu as the scanner, feedback through the
     console API, the model commands as a site's ML engineer types them."""
     loud, quiet = models
-    port, console_port = free_port(), free_port()
-    config = write_config(
-        tmp_path / "node.toml", port, pg_url, loud,
-        console={"port": console_port, "secret_file": str(tmp_path / "console.secret")},
-    )  # fmt: skip
-    settings = tomllib.loads(config.read_text())  # the models as installed, not pinned
-    settings["model"] = {"dir": str(tmp_path / "models"), "reload_seconds": 0.3}
-    config.write_text(tomli_w.dumps(settings))
-
-    def cli(*args: str, ok: bool = True) -> str:
-        done = mriqa_cli(config, *args)
-        assert (done.returncode == 0) == ok, done.stdout + done.stderr
-        return done.stdout + done.stderr
-
+    config, base, cli = _served(tmp_path, pg_url)
+    port = tomllib.loads(config.read_text())["dicom"]["port"]
     cli("model", "install", str(loud))
     node = NodeProcess(config, port, tmp_path / "node.log").start()
     try:
@@ -320,15 +349,9 @@ def test_the_life_cycle_against_a_real_serve_on_postgresql(pg_url: str, tmp_path
                   for k in range(2)]  # fmt: skip
         for files in series:
             storescu(port, files)
-        base = f"http://127.0.0.1:{console_port}"
-        engine = make_engine(pg_url)
-        users = UserService(make_sessionmaker(engine))
-        tokens = {}
-        for name, role in (("tech", "technologist"), ("rad1", "radiologist"),
-                           ("rad2", "radiologist"), ("ops", "admin")):  # fmt: skip
-            users.add(name, role, f"pw-{name}-123456")
-            tokens[name] = {"Authorization": f"Bearer {users.create_token(name)}"}
-        engine.dispose()
+        tokens = {name: _token(config, name, role)
+                  for name, role in (("tech", "technologist"), ("rad1", "radiologist"),
+                                     ("rad2", "radiologist"), ("ops", "admin"))}  # fmt: skip
 
         def compared() -> dict | None:
             r = httpx.get(f"{base}/api/models", headers=tokens["ops"])

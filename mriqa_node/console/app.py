@@ -39,6 +39,7 @@ from mriqa_node.db.models import AckAction
 from mriqa_node.domain.throttle import LoginThrottle, ThrottlePolicy
 from mriqa_node.services import queries
 from mriqa_node.services.alerts import AlertConflict, AlertNotFound, AlertService
+from mriqa_node.services.drift import DriftMonitor
 from mriqa_node.services.forwarding import ForwardQueue
 from mriqa_node.services.images import SliceImages, SliceNotFound
 from mriqa_node.services.models import ModelOverview
@@ -69,6 +70,7 @@ class ConsoleContext:
     forwarding: ForwardQueue | None = None  # the PACS forwarding outbox, when configured
     receiving: JournaledIntake | None = None  # the receive journal, in a receiving process
     models: ModelOverview | None = None  # the active model, a shadow candidate, the comparison
+    drift: DriftMonitor | None = None  # each scanner and protocol against its own past
 
 
 def _ctx(request: Request) -> ConsoleContext:
@@ -224,6 +226,17 @@ def models(ctx: Ctx, user: CurrentUser) -> dict[str, Any]:
     if ctx.models is None:
         raise HTTPException(404, "no model overview in this process")
     return ctx.models.report()
+
+
+@api.get("/drift")
+def drift(ctx: Ctx, user: CurrentUser) -> list[dict[str, Any]]:
+    """Per scanner (calling AE) and protocol: alert, not-assessed and score quartiles over
+    time, its baseline and recent windows, whether it departs from its own past, and why."""
+    return _drift(ctx).report()
+
+
+def _drift(ctx: ConsoleContext) -> DriftMonitor:
+    return ctx.drift or DriftMonitor(ctx.reads, ctx.reads, ctx.settings.drift.rule())
 
 
 @api.get("/webhooks/deliveries")
@@ -389,6 +402,13 @@ def models_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
     return _page(request, "models.html", user, report=report, **live)
 
 
+@pages.get("/scanners")
+def scanners_page(request: Request, ctx: Ctx, user: CurrentUser) -> HTMLResponse:
+    live = _live(ctx)
+    return _page(request, "scanners.html", user, groups=_drift(ctx).report(),
+                 rule=ctx.settings.drift, **live)  # fmt: skip
+
+
 @pages.get("/admin/webhooks")
 def webhooks_page(request: Request, ctx: Ctx, user: Admin) -> HTMLResponse:
     live = _live(ctx)
@@ -456,7 +476,7 @@ def create_app(ctx: ConsoleContext, session_secret: str) -> FastAPI:
     app.include_router(api)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    registry = registry_for(ctx.reads, ctx.spool)
+    registry = registry_for(ctx.reads, _drift(ctx), ctx.spool)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> JSONResponse:

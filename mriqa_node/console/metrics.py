@@ -34,8 +34,10 @@ VERDICT_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class NodeCollector:
-    def __init__(self, reads: sessionmaker[Session], spool: Spool | None = None) -> None:
+    def __init__(self, reads: sessionmaker[Session], drift: DriftMonitor,
+                 spool: Spool | None = None) -> None:  # fmt: skip
         self.reads = reads
+        self.drift = drift
         self.spool = spool
 
     def collect(self) -> Iterator[Metric]:
@@ -103,7 +105,7 @@ class NodeCollector:
         for state in DeliveryState:
             delivery_family.add_metric([state.value], dict(deliveries).get(state, 0))
         yield delivery_family
-        yield from _drift_metrics(DriftMonitor(self.reads).groups())
+        yield from _drift_metrics(self.drift.groups())
         if self.spool is not None:
             space = self.spool.space()
             yield GaugeMetricFamily(
@@ -145,7 +147,8 @@ def _drift_metrics(groups: list[GroupDrift]) -> Iterator[Metric]:
     yield from (alert, unassessed, drifting)
 
 
-def registry_for(reads: sessionmaker[Session], spool: Spool | None = None) -> CollectorRegistry:
+def registry_for(reads: sessionmaker[Session], drift: DriftMonitor | None = None,
+                 spool: Spool | None = None) -> CollectorRegistry:  # fmt: skip
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(reads, spool))
+    registry.register(NodeCollector(reads, drift or DriftMonitor(reads), spool))
     return registry

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from mriqa_node.domain.verdict import NON_DIAGNOSTIC, NOT_ASSESSED
 
@@ -62,6 +63,42 @@ class GroupDrift:
     @property
     def drifting(self) -> bool:
         return bool(self.reasons)
+
+
+@dataclass(frozen=True)
+class Bin:
+    """Consecutive series of one group: a point of its chart over time."""
+
+    start: int  # index of its first series in the group's history
+    first_at: datetime
+    last_at: datetime
+    window: Window
+    quantiles: tuple[float, float, float] | None  # quartiles of the series scores
+
+    def to_json(self) -> dict:
+        return {"start": self.start, "first_at": self.first_at.isoformat(),
+                "last_at": self.last_at.isoformat(), **self.window.to_json(),
+                "quartiles": None if self.quantiles is None else
+                [round(q, 4) for q in self.quantiles]}  # fmt: skip
+
+
+def timeline(
+    labels: Sequence[str], scores: Sequence[float | None], times: Sequence[datetime],
+    max_bins: int = 40, min_size: int = 5,
+) -> list[Bin]:  # fmt: skip
+    """The group's history (oldest first) in bins of equal numbers of series, so that every
+    point of the chart rests on as many series as the next (a quiet night is no spike)."""
+    import numpy as np
+
+    size = max(min_size, math.ceil(len(labels) / max_bins))
+    bins = []
+    for start in range(0, len(labels), size):
+        part = slice(start, start + size)
+        known = [s for s in scores[part] if s is not None]
+        quartiles = tuple(np.quantile(known, (0.25, 0.5, 0.75)).tolist()) if known else None
+        bins.append(Bin(start, times[part][0], times[part][-1],
+                        window(labels[part], scores[part]), quartiles))  # fmt: skip
+    return bins
 
 
 def window(labels: Sequence[str], scores: Sequence[float | None]) -> Window:

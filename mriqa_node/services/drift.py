@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Event, Series, SeriesVerdict
 from mriqa_node.db.sql import now_utc
-from mriqa_node.domain.drift import DriftRule, GroupDrift, assess_group
+from mriqa_node.domain.drift import DriftRule, GroupDrift, assess_group, timeline
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +36,59 @@ class DriftMonitor:
 
     def groups(self) -> list[GroupDrift]:
         """Every (calling AE, protocol) with enough decided series to tell, drifting or not."""
+        found = [assess_group(aet, protocol, h.labels, h.scores, self.rule)
+                 for (aet, protocol), h in self._histories().items()]  # fmt: skip
+        return [g for g in found if g is not None]
+
+    def report(self, max_bins: int = 40) -> list[dict]:
+        """Each group's history for the console's chart: the rates and score quartiles over
+        time, where its baseline and recent windows lie, its drift state and events."""
+        with self.reads() as session:
+            events = session.execute(
+                select(Event.kind, Event.payload, Event.created_at)
+                .where(Event.kind.in_((DRIFT, CLEARED))).order_by(Event.id)
+            ).all()  # fmt: skip
+        out = []
+        for (aet, protocol), h in sorted(self._histories().items(), key=_by_name):
+            g = assess_group(aet, protocol, h.labels, h.scores, self.rule)
+            n, rule = len(h.labels), self.rule
+            recent_from = max(0, n - rule.recent)
+            out.append({
+                "calling_aet": aet, "protocol": protocol, "series": n,
+                "state": "too few series" if g is None else
+                         "drifting" if g.drifting else "steady",
+                "reasons": list(g.reasons) if g else [],
+                "baseline": g.baseline.to_json() if g else None,
+                "recent": g.recent.to_json() if g else None,
+                "baseline_from": max(0, recent_from - rule.baseline), "recent_from": recent_from,
+                "needed": rule.recent + rule.min_baseline,
+                "bins": [b.to_json() for b in timeline(h.labels, h.scores, h.times, max_bins)],
+                "events": [{"kind": kind, "at": at.isoformat(), "reasons": p.get("reasons", []),
+                            "after_series": sum(t <= at for t in h.times)}  # on the chart
+                           for kind, p, at in events
+                           if (p.get("calling_aet"), p.get("protocol")) == (aet, protocol)],
+            })  # fmt: skip
+        return out
+
+    def _histories(self) -> dict[tuple, _History]:
+        """(calling AE, protocol or description) -> its newest verdicts, oldest first."""
         newest = select(func.max(SeriesVerdict.id)).group_by(SeriesVerdict.series_id)
         with self.reads() as session:
             rows = session.execute(
                 select(Series.calling_aet, Series.protocol_name, Series.series_description,
-                       SeriesVerdict.label, SeriesVerdict.score)
+                       SeriesVerdict.label, SeriesVerdict.score, SeriesVerdict.decided_at)
                 .join(Series, Series.id == SeriesVerdict.series_id)
                 .where(SeriesVerdict.id.in_(newest))
                 .order_by(SeriesVerdict.id.desc())
                 .limit(HISTORY)
             ).all()  # fmt: skip
-        grouped: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
-        for aet, protocol, description, label, score in reversed(rows):
-            labels, scores = grouped[(aet, protocol or description)]
-            labels.append(label)
-            scores.append(score)
-        found = [assess_group(aet, protocol, labels, scores, self.rule)
-                 for (aet, protocol), (labels, scores) in grouped.items()]  # fmt: skip
-        return [g for g in found if g is not None]
+        grouped: dict[tuple, _History] = defaultdict(_History)
+        for aet, protocol, description, label, score, at in reversed(rows):
+            h = grouped[(aet, protocol or description)]
+            h.labels.append(label)
+            h.scores.append(score)
+            h.times.append(at)
+        return grouped
 
     def check(self) -> list[GroupDrift]:
         """Record an event for each group that started or stopped drifting; returns them."""
@@ -73,6 +110,18 @@ class DriftMonitor:
                 else:
                     log.info("drift cleared: scanner %s, protocol %s", g.calling_aet, g.protocol)
         return changed
+
+
+@dataclass
+class _History:
+    labels: list[str] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
+    times: list[datetime] = field(default_factory=list)
+
+
+def _by_name(item: tuple) -> tuple[str, str]:
+    (aet, protocol), _ = item
+    return aet or "", protocol or ""
 
 
 def _last_states(session: Session) -> dict[tuple, bool]:

@@ -233,8 +233,9 @@ class WebhookOutbox:
             **{key: p.get(key) for key in VERDICT_FIELDS},
         }
         body |= {out: p[key] for key, out in OPTIONAL_FIELDS.items() if key in p}
-        body["console_url"] = (f"{self.console_url}/series/{series_uid}" if series_uid
-                               else self.console_url)  # fmt: skip
+        page = (f"/series/{series_uid}" if series_uid
+                else "/scanners" if item.kind in ("drift", "drift_cleared") else "")  # fmt: skip
+        body["console_url"] = self.console_url + page
         return body
 
     def deliver(self, item: Delivery) -> bool:
