@@ -58,7 +58,8 @@ def test_receiver_processes_share_the_port_and_keep_everything(
     db_url: str, node_factory, tmp_path: Path
 ) -> None:
     node = node_factory(db_url, dicom={"receivers": 2, "allowed_calling_aets": SCANNERS})
-    wait_for(lambda: receiver_pids(node.log()), what="receiver process 1")
+    wait_for(lambda: node.log().count("DICOM SCP MRIQA listening") == 2, timeout=60,
+             what="receiver process 1 listening beside the main one")  # fmt: skip
     groups = [write_series(synth_series(8, size=64, seed=80 + i), tmp_path / f"s{i}")
               for i in range(4)]  # fmt: skip
     send_at_once(node.port, groups)
