@@ -184,10 +184,11 @@ def test_real_evaluation_per_source_counts_alerts_and_catches():
     rng = np.random.default_rng(0)
     preds, corruption = {k: [] for k in ("sop", "series", "subject", "logits", "labels")}, {}
     for subject in ("A", "B"):
-        for copy, level in enumerate(("clean", "heavy", "clean", "heavy")):
+        for copy, level in enumerate(("clean", "heavy", "clean", "heavy", "heavy")):
             for k in range(5):
                 sop = f"{subject}.{copy}.{k}"
-                heavy = level == "heavy"
+                # The last heavy-level copy's moves left no trace: it reads as diagnostic.
+                heavy = level == "heavy" and copy < 4
                 # B's model is confused: its clean series look like motion.
                 p = 0.9 if heavy or subject == "B" else 0.1
                 p = float(np.clip(p + 0.05 * rng.standard_normal(), 0.01, 0.99))
@@ -197,8 +198,9 @@ def test_real_evaluation_per_source_counts_alerts_and_catches():
                 preds["logits"].append([np.log(p), np.log(1 - p)])
                 preds["labels"].append(0 if heavy else 1)
                 corruption[sop] = {"source": subject, "level": level,
-                                   "amplitude": "0.8" if heavy else "0",
-                                   "severity": "0.9" if heavy else "0"}  # fmt: skip
+                                   "amplitude": "0" if level == "clean" else "0.8",
+                                   "severity": "0.9" if heavy else "0",
+                                   "true_class": "0" if heavy else "2"}  # fmt: skip
     npz = {
         "test_sop_uids": np.asarray(preds["sop"]), "test_series_uids": np.asarray(preds["series"]),
         "test_patient_ids": np.asarray(preds["subject"]),
@@ -208,7 +210,8 @@ def test_real_evaluation_per_source_counts_alerts_and_catches():
                                                               series_threshold=0.5))  # fmt: skip
     assert out["A"]["auc_clean_vs_heavy"] == 1.0
     assert (out["A"]["clean_series_alerted"], out["A"]["clean_series"]) == (0, 2)
-    assert (out["A"]["heavy_series_caught"], out["A"]["heavy_series"]) == (2, 2)
+    assert (out["A"]["nondiag_series_caught"], out["A"]["nondiag_series"]) == (2, 2)
+    assert (out["A"]["heavy_series_caught"], out["A"]["heavy_series"]) == (2, 3)
     assert out["B"]["clean_series_alerted"] == 2  # the per-source view shows B's false alerts
     assert pooled(out)["clean_series_alerted"] == 2
 
@@ -235,3 +238,37 @@ def test_a_run_trained_elsewhere_is_scored_on_real_anatomy_it_never_saw(tmp_path
     summary = write_summary([run], tmp_path / "summary").read_text()
     row = summary.split("On real anatomy (trained on phantoms only)")[1].splitlines()
     assert any(line.startswith("| ConvNet binary | 2 |") and line.endswith("/2 |") for line in row)
+
+
+def test_evaluate_command_scores_an_artifact_per_source(tmp_path: Path, model_dir: Path):
+    """`mriqa-train evaluate`: an exported model over corrupted real series, one row per
+    source (--source keeps only the named ones), series counted as the operating point counts
+    them; the policy, calibration and preprocessing are the artifact's own."""
+    import json
+
+    from click.testing import CliRunner
+
+    from training.cli import main as train_main
+
+    _write_clean_series(tmp_path / "in" / "a", "SUBJ-A")
+    _write_clean_series(tmp_path / "in" / "b", "SUBJ-B")
+    config = CorruptConfig(copies=2, levels=("clean", "heavy"), seed=7)
+    write_corrupted([tmp_path / "in"], tmp_path / "data", config, progress=False)
+
+    def evaluate(*args: str):
+        return CliRunner().invoke(train_main, ["evaluate", str(model_dir),
+                                               str(tmp_path / "data"), *args])  # fmt: skip
+
+    table = evaluate()
+    assert table.exit_code == 0, table.output
+    rows = [line for line in table.output.splitlines() if line.startswith("| ACME_")]
+    assert [r.split(" | ")[0] for r in rows] == ["| ACME_SUBJ-A", "| ACME_SUBJ-B"]
+    only = evaluate("--source", "ACME_SUBJ-B", "--json")
+    figures = json.loads(only.output[only.output.index("{"):])
+    assert list(figures) == ["ACME_SUBJ-B"]
+    b = figures["ACME_SUBJ-B"]
+    assert b["clean_series"] == 1 and b["heavy_series"] == 1
+    assert b["slices"]["clean"] == 4 and 0 <= b["clean_series_alerted"] <= 1
+    assert b["nondiag_series"] == int(b["slices"]["heavy"] >= 1)  # top fraction 0.2 of 4
+    missing = evaluate("--source", "NOBODY")
+    assert missing.exit_code != 0 and "no corrupted slices" in missing.output

@@ -104,6 +104,26 @@ def corrupt(inputs: tuple[Path, ...], out: Path, copies: int, max_slices: int, n
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))  # fmt: skip
+@click.option("--source", "sources", multiple=True,
+              help="Only this subject (patient id); repeat for several. Default: all.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="The per-source figures as JSON.")
+def evaluate(artifact: Path, data: tuple[Path, ...], sources: tuple[str, ...],
+             as_json: bool) -> None:  # fmt: skip
+    """An exported model on corrupted real series (DATA: folders `corrupt` wrote), per source:
+    slice AUCs, clean series alerted, non-diagnostic series caught, ECE. Name subjects the
+    model never saw (--source) for a figure that means something."""
+    from training.realeval import evaluate_artifact, table
+
+    per_source = evaluate_artifact(artifact, data, sources)
+    if not per_source:
+        raise click.ClickException("no corrupted slices of those sources in DATA")
+    click.echo(json.dumps(per_source, indent=2) if as_json else "\n".join(table(per_source)))
+
+
+@main.command()
 @click.argument("manifests", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
@@ -159,12 +179,14 @@ BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "
 @click.option("--widths", default="16,32,64,128", show_default=True)
 @click.option("--downsample", default=2, show_default=True)
 @click.option("--source", "only", multiple=True, help="Only these sources (default: all).")
+@click.option("--task", type=click.Choice(["binary", "3class"]), default="binary",
+              show_default=True, help="3class: the score is still P(non-diagnostic).")  # fmt: skip
 def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, batch: int,
-         widths: str, downsample: int, only: tuple[str, ...]) -> None:  # fmt: skip
+         widths: str, downsample: int, only: tuple[str, ...], task: str) -> None:  # fmt: skip
     """Leave-one-source-out table of the bundle recipe (reduced size and steps on a CPU)."""
     from training.loso import run_loso
 
-    base = _train_config(manifest=manifest, out_dir=out, model="convnet", task="binary",
+    base = _train_config(manifest=manifest, out_dir=out, model="convnet", task=task,
                          label="truth", steps=steps, batch=batch, widths=_ints(widths),
                          downsample=downsample, head="gap", augment=True, eval_every=steps,
                          checkpoint_every=steps, bn_recalibration=8)  # fmt: skip

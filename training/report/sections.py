@@ -278,8 +278,8 @@ def unseen_real_md(results: Mapping[str, Mapping[str, Any]], labels: Mapping[str
         " each run's per-source table is in its own report. Worst source AUCs; series totals"
         " at each run's own operating point.", "",
         "| run | sources | worst AUC clean vs mild | worst AUC clean vs heavy |"
-        " clean series alerted | heavy series caught |",
-        "|---|---|---|---|---|---|",
+        " clean series alerted | non-diagnostic series caught | heavy-level copies caught |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for n, per_source in rows.items():
         t = pooled(per_source)
@@ -287,6 +287,7 @@ def unseen_real_md(results: Mapping[str, Mapping[str, Any]], labels: Mapping[str
             f"| {labels[n]} | {len(per_source)} | {num(t['worst_auc_clean_vs_mild'], 3)} |"
             f" {num(t['worst_auc_clean_vs_heavy'], 3)} |"
             f" {t['clean_series_alerted']}/{t['clean_series']} |"
+            f" {t['nondiag_series_caught']}/{t['nondiag_series']} |"
             f" {t['heavy_series_caught']}/{t['heavy_series']} |"
         )
     return lines
