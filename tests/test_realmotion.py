@@ -264,7 +264,7 @@ def test_evaluate_command_scores_an_artifact_per_source(tmp_path: Path, model_di
     rows = [line for line in table.output.splitlines() if line.startswith("| ACME_")]
     assert [r.split(" | ")[0] for r in rows] == ["| ACME_SUBJ-A", "| ACME_SUBJ-B"]
     only = evaluate("--source", "ACME_SUBJ-B", "--json")
-    figures = json.loads(only.output[only.output.index("{"):])
+    figures = json.loads(only.output[only.output.index("{") :])
     assert list(figures) == ["ACME_SUBJ-B"]
     b = figures["ACME_SUBJ-B"]
     assert b["clean_series"] == 1 and b["heavy_series"] == 1
