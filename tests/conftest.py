@@ -144,8 +144,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def write_config(path: Path, port: int, db_url: str, model: Path, **sections: dict) -> Path:
-    """A node config file; ``sections`` override keys, e.g. series={"idle_seconds": 1}."""
+def write_config(path: Path, port: int, db_url: str, model: Path, **sections: dict | list) -> Path:
+    """A node config file; ``sections`` override keys, e.g. series={"idle_seconds": 1}, or
+    give a list section whole, e.g. webhooks=[{"name": ..., "url": ...}]."""
     base = {
         "dicom": {"port": port, "allowed_calling_aets": ["SCANNER1", "STORESCU"]},
         "storage": {"spool_dir": str(path.parent / "spool"), "database_url": db_url},
@@ -155,7 +156,10 @@ def write_config(path: Path, port: int, db_url: str, model: Path, **sections: di
         "console": {"port": free_port()},
     }
     for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
+        if isinstance(values, list):
+            base[name] = values
+        else:
+            base.setdefault(name, {}).update(values)
     path.write_text(tomli_w.dumps(base))
     return path
 

@@ -179,11 +179,9 @@ def test_serve_warns_of_the_scanner_whose_series_changed_and_not_of_the_other(
         series={"idle_seconds": 30.0, "release_grace_seconds": 0.3},
         drift={"check_seconds": 0.5, "recent": 5, "baseline": 8, "min_baseline": 8},
         console={"port": console_port, "secret_file": str(tmp_path / "console.secret")},
+        webhooks=[{"name": "ops", "url": f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+                   "secret": "s", "events": ["drift"], "backoff_seconds": 0.1}],
     )  # fmt: skip
-    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    with config.open("a") as f:
-        f.write(f'[[webhooks]]\nname = "ops"\nurl = "{url}"\nsecret = "s"\nevents = ["drift"]\n'
-                "backoff_seconds = 0.1\n")  # fmt: skip
 
     def series(k: int, motion: float) -> list[Path]:
         datasets = synth_series(3, size=128, motion=motion, seed=700 + k,

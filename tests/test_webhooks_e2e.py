@@ -31,11 +31,9 @@ def test_serve_delivers_signed_webhooks_and_serves_the_console(
         tmp_path / "node.toml", port, db_url, model_dir,
         verdict={"series_threshold": 0.0},  # every series non-diagnostic: verdict + alert
         console={"port": console_port, "secret_file": str(tmp_path / "console.secret")},
+        webhooks=[{"name": "ris", "url": f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+                   "secret": SECRET, "backoff_seconds": 0.1}],
     )  # fmt: skip
-    url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    with config.open("a") as f:
-        f.write(f'[[webhooks]]\nname = "ris"\nurl = "{url}"\nsecret = "{SECRET}"\n'
-                "backoff_seconds = 0.1\n")  # fmt: skip
     node = NodeProcess(config, port, tmp_path / "node.log").start()
     try:
         files = write_series(synth_series(4, seed=77), tmp_path / "s")
