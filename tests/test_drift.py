@@ -89,6 +89,8 @@ def test_the_monitor_reports_the_scanner_that_changed_once(env: Env) -> None:
     scraped = generate_latest(registry_for(env.sessions)).decode()
     assert 'mriqa_scanner_drifting{calling_aet="MR1",protocol="t2_tse_ax"} 1.0' in scraped
     assert 'mriqa_scanner_drifting{calling_aet="MR2",protocol="t2_tse_ax"} 0.0' in scraped
+    assert ('mriqa_scanner_mean_score{calling_aet="MR1",protocol="t2_tse_ax",window="recent"} 0.9'
+            in scraped)  # fmt: skip
 
     # Fixed: MR1's series are fine again; once the recent window is clean the drift clears.
     _decided(env, "MR1", "t2_tse_ax", ["diagnostic"] * 20, [0.1] * 20)

@@ -133,6 +133,11 @@ def _drift_metrics(groups: list[GroupDrift]) -> Iterator[Metric]:
         "Share of series not assessed, per scanner and protocol",
         labels=labels,
     )
+    score = GaugeMetricFamily(
+        "mriqa_scanner_mean_score",
+        "Mean series score P(non-diagnostic), per scanner and protocol (recent and before)",
+        labels=labels,
+    )
     drifting = GaugeMetricFamily(
         "mriqa_scanner_drifting",
         "1 while a scanner's recent verdicts depart from its own baseline",
@@ -143,8 +148,10 @@ def _drift_metrics(groups: list[GroupDrift]) -> Iterator[Metric]:
         for name, w in (("recent", g.recent), ("baseline", g.baseline)):
             alert.add_metric([*key, name], w.alert_rate)
             unassessed.add_metric([*key, name], w.not_assessed_rate)
+            if w.mean_score is not None:
+                score.add_metric([*key, name], w.mean_score)
         drifting.add_metric(key, int(g.drifting))
-    yield from (alert, unassessed, drifting)
+    yield from (alert, unassessed, score, drifting)
 
 
 def registry_for(reads: sessionmaker[Session], drift: DriftMonitor | None = None,
