@@ -248,6 +248,15 @@ def test_rescan_banner_live_then_acknowledged(console: Console, context, tmp_pat
         expect(viewer).to_have_attribute("open", "")
         assert loaded_images(page, "dialog#viewer img")[0] == 512
 
+        # Scanners: the series' scanner charted, too new to compare with its own past.
+        page.goto("/scanners")
+        section = page.locator("section.scanner")
+        expect(section).to_have_count(1)
+        expect(section.locator(".drift-state")).to_have_text("too few series")
+        box = section.locator("svg.drift-chart").bounding_box()
+        assert box and box["width"] > 300 and box["height"] > 60, box
+        expect(section.locator("circle.alert-rate")).to_have_count(1)
+
 
 def test_roles_and_sign_in_required(console: Console, context, browser, tmp_path: Path) -> None:
     # Not signed in: the console sends you to the login form, and the API says 401.
