@@ -272,3 +272,45 @@ def test_evaluate_command_scores_an_artifact_per_source(tmp_path: Path, model_di
     assert b["nondiag_series"] == int(b["slices"]["heavy"] >= 1)  # top fraction 0.2 of 4
     missing = evaluate("--source", "NOBODY")
     assert missing.exit_code != 0 and "no corrupted slices" in missing.output
+
+
+@pytest.mark.slow
+def test_leave_one_source_out_holds_each_source_out_and_scores_it_on_other_data(tmp_path: Path):
+    """Each fold never sees its source (nor does its operating point); its row is that source
+    alone; --eval-data scores the same folds on another corrupted set of those subjects
+    without training them again."""
+    import json
+
+    from training.loso import run_loso
+    from training.train import TrainConfig
+
+    for name in ("A", "B", "C", "D"):
+        _write_clean_series(tmp_path / "in" / name, f"SUBJ-{name}")
+    config = CorruptConfig(copies=2, levels=("clean", "heavy"), seed=3)
+    manifest = write_corrupted([tmp_path / "in"], tmp_path / "data", config, progress=False)
+    other = CorruptConfig(copies=4, levels=("clean", "heavy"), seed=4, paired=True)
+    write_corrupted([tmp_path / "in"], tmp_path / "other", other, progress=False)
+    base = TrainConfig(manifest=manifest, out_dir=tmp_path / "loso", widths=(4, 8, 8, 8),
+                       downsample=8, head="gap", steps=3, batch=4, eval_every=3,
+                       checkpoint_every=3, cache_dir=tmp_path / "cache", bn_recalibration=1,
+                       workers=1, progress=False)  # fmt: skip
+    sources = {"a": ("ACME_SUBJ-A",), "b": ("ACME_SUBJ-B",)}
+    val = ("ACME_SUBJ-A", "ACME_SUBJ-C")
+    corruption = [tmp_path / "data" / "corruption.csv"]
+    summary = run_loso(base, corruption, sources, val, tmp_path / "loso")
+    assert list(summary["per_source"]) == ["a: ACME_SUBJ-A", "b: ACME_SUBJ-B"]
+    assert summary["per_source"]["a: ACME_SUBJ-A"]["clean_series"] == 1
+    splits = json.loads((tmp_path / "loso" / "a" / "splits.json").read_text())["patients"]
+    assert splits["test"] == ["ACME_SUBJ-A"]
+    assert "ACME_SUBJ-A" not in splits["val"] + splits["train"]
+    checkpoints = sorted(p.name for p in (tmp_path / "loso" / "a" / "checkpoints").iterdir())
+
+    again = run_loso(base, corruption, sources, val, tmp_path / "loso",
+                     eval_data=[tmp_path / "other"])  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "loso" / "a" / "checkpoints").iterdir()) == (
+        checkpoints
+    )  # the same folds, not trained again
+    assert [r["slices"] for r in again["per_source"].values()] == [
+        r["slices"] for r in summary["per_source"].values()]  # fmt: skip
+    assert again["per_source_eval"]["a: ACME_SUBJ-A"]["clean_series"] == 2  # 4 copies there
+    assert "The same folds on" in (tmp_path / "loso" / "loso.md").read_text()

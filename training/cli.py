@@ -181,8 +181,13 @@ BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "
 @click.option("--source", "only", multiple=True, help="Only these sources (default: all).")
 @click.option("--task", type=click.Choice(["binary", "3class"]), default="binary",
               show_default=True, help="3class: the score is still P(non-diagnostic).")  # fmt: skip
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              multiple=True, help="Also score each fold's held-out subjects in these"
+              " `corrupt` folders (another seed, paired looks); finished folds are not"
+              " retrained.")  # fmt: skip
 def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, batch: int,
-         widths: str, downsample: int, only: tuple[str, ...], task: str) -> None:  # fmt: skip
+         widths: str, downsample: int, only: tuple[str, ...], task: str,
+         eval_data: tuple[Path, ...]) -> None:  # fmt: skip
     """Leave-one-source-out table of the bundle recipe (reduced size and steps on a CPU)."""
     from training.loso import run_loso
 
@@ -191,7 +196,7 @@ def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, ba
                          downsample=downsample, head="gap", augment=True, eval_every=steps,
                          checkpoint_every=steps, bn_recalibration=8)  # fmt: skip
     sources = {k: v for k, v in REAL_SOURCES.items() if not only or k in only}
-    summary = run_loso(base, corruption, sources, BUNDLE_VAL, out)
+    summary = run_loso(base, corruption, sources, BUNDLE_VAL, out, eval_data=eval_data)
     click.echo(f"loso: {out / 'loso.md'} ({len(summary['per_source'])} sources)")
 
 
