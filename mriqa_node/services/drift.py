@@ -46,8 +46,8 @@ class DriftMonitor:
         with self.reads() as session:
             events = session.execute(
                 select(Event.kind, Event.payload, Event.created_at)
-                .where(Event.kind.in_((DRIFT, CLEARED))).order_by(Event.id)
-            ).all()  # fmt: skip
+                .where(Event.kind.in_((DRIFT, CLEARED))).order_by(Event.id.desc()).limit(10_000)
+            ).all()[::-1]  # fmt: skip
         out = []
         for (aet, protocol), h in sorted(self._histories().items(), key=_by_name):
             g = assess_group(aet, protocol, h.labels, h.scores, self.rule)
