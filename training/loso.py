@@ -46,6 +46,11 @@ def run_loso(
     rows = read_corruption(corruption)
     per_source: dict[str, Any] = {}
     per_source_eval: dict[str, Any] = {}
+    if eval_data:
+        from training.manifest import read_manifest
+
+        eval_records = [r for d in eval_data for r in read_manifest(Path(d) / "manifest.csv")]
+        eval_rows = read_corruption([Path(d) / "corruption.csv" for d in eval_data])
     for name, patterns in sources.items():
         val = [v for v in val_patients if not any(fnmatchcase(v, p) for p in patterns)]
         config = replace(base, out_dir=out / name, test_patients=tuple(patterns),
@@ -59,7 +64,7 @@ def run_loso(
             per_source[f"{name}: {subject}"] = figures
         log.info("LOSO %s: %s", name, result)
         if eval_data:
-            again = _on_other_data(run, eval_data, patterns, plan)
+            again = _on_other_data(run, eval_records, eval_rows, patterns, plan)
             per_source_eval |= {f"{name}: {k}": v for k, v in again.items()}
     summary = {
         "recipe": base.to_json(),
@@ -89,19 +94,17 @@ def run_loso(
     return summary
 
 
-def _on_other_data(run: Path, data_dirs: Sequence[Path | str], patterns: Sequence[str],
-                   plan: Any) -> dict[str, Any]:  # fmt: skip
-    """A fold's figures on its held-out subjects in other corrupted folders."""
+def _on_other_data(run: Path, records: Sequence[Any], rows: Mapping[str, Mapping[str, str]],
+                   patterns: Sequence[str], plan: Any) -> dict[str, Any]:  # fmt: skip
+    """A fold's figures on its held-out subjects among other corrupted records."""
     from fnmatch import fnmatchcase
 
-    from training.manifest import read_manifest, write_manifest
+    from training.manifest import write_manifest
     from training.realeval import predict_real
 
-    held_out = [r for d in data_dirs for r in read_manifest(Path(d) / "manifest.csv")
-                if any(fnmatchcase(r.patient_id, p) for p in patterns)]  # fmt: skip
+    held_out = [r for r in records if any(fnmatchcase(r.patient_id, p) for p in patterns)]
     if not held_out:
         return {}
     manifest = write_manifest(held_out, run / "eval_data.csv")
     preds = dict(np.load(predict_real(run, manifest, progress=False)))
-    rows = read_corruption([Path(d) / "corruption.csv" for d in data_dirs])
     return evaluate_real(preds, "real", rows, plan.policy, plan.calibration["temperature"])

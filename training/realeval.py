@@ -113,7 +113,7 @@ def pooled(per_source: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for row in per_source.values():
         for key in ("clean_series", "clean_series_alerted", "nondiag_series",
                     "nondiag_series_caught", "heavy_series", "heavy_series_caught"):  # fmt: skip
-            total[key] += row.get(key, 0)
+            total[key] += row[key]
     for key in ("auc_clean_vs_mild", "auc_clean_vs_heavy"):
         values = [r[key] for r in per_source.values() if r[key] is not None]
         total[f"worst_{key}"] = min(values) if values else None
@@ -190,10 +190,7 @@ def predict_real(run_dir: Path | str, manifest: Path | str, batch: int = 16,
     phantoms). Writes ``real_predictions.npz`` in the run, in the split layout under the split
     name ``real`` plus the manifest's path, which the run report reads."""
     import keras
-    import pydicom
-    from tqdm.auto import tqdm
 
-    from mriqa_node.preprocess import preprocess
     from training.manifest import labels_for, read_manifest
     from training.train import MODEL_FILE
 
@@ -203,11 +200,8 @@ def predict_real(run_dir: Path | str, manifest: Path | str, batch: int = 16,
     labels = labels_for(records, "truth", cfg["task"])
     model = keras.saving.load_model(run / MODEL_FILE, compile=False)
     size = int(cfg.get("input_size", 512))
-    logits = []
-    for i in tqdm(range(0, len(records), batch), desc=f"real {run.name}", disable=not progress):
-        x = np.concatenate([preprocess(pydicom.dcmread(r.path), size)[:1]
-                            for r in records[i : i + batch]])  # fmt: skip
-        logits.append(np.asarray(model(x, training=False), np.float32))
+    logits = [np.asarray(model(x, training=False), np.float32)
+              for x in _batches(records, size, batch, f"real {run.name}", progress)]  # fmt: skip
     out = run / REAL_PREDICTIONS_FILE
     np.savez(
         out,
@@ -257,11 +251,7 @@ def evaluate_artifact(
     node scores) on corrupted real series (``mriqa-train corrupt`` output folders), optionally
     only the subjects in ``sources``: how a model does on a site's data or on subjects it
     never saw. Pass only subjects outside the model's training data for an honest figure."""
-    import pydicom
-    from tqdm.auto import tqdm
-
     from mriqa_node.ml.scorer import Scorer
-    from mriqa_node.preprocess import preprocess
     from training.manifest import labels_for, read_manifest
 
     scorer = Scorer(Path(artifact))
@@ -269,11 +259,7 @@ def evaluate_artifact(
     wanted = set(sources)
     records = [r for d in data_dirs for r in read_manifest(Path(d) / "manifest.csv")
                if r.true_class is not None and (not wanted or r.patient_id in wanted)]  # fmt: skip
-    probs = []
-    for i in tqdm(range(0, len(records), batch), desc="score", disable=not progress):
-        x = np.concatenate([preprocess(pydicom.dcmread(r.path), size)[:1]
-                            for r in records[i : i + batch]])  # fmt: skip
-        probs.append(scorer.score(x)[0][:, 0])
+    probs = [scorer.score(x)[0][:, 0] for x in _batches(records, size, batch, "score", progress)]
     p = np.clip(np.concatenate(probs) if probs else np.zeros(0), 1e-7, 1 - 1e-7)
     preds = {
         "artifact_logits": np.log(np.stack([p, 1 - p], axis=1)),  # already calibrated: T = 1
@@ -284,3 +270,15 @@ def evaluate_artifact(
     }
     rows = read_corruption([Path(d) / "corruption.csv" for d in data_dirs])
     return evaluate_real(preds, "artifact", rows, SeriesPolicy.from_dict(scorer.meta.policy))
+
+
+def _batches(records: Sequence[Any], size: int, batch: int, desc: str, progress: bool):
+    """The records' images as the node preprocesses them, ``batch`` at a time."""
+    import pydicom
+    from tqdm.auto import tqdm
+
+    from mriqa_node.preprocess import preprocess
+
+    for i in tqdm(range(0, len(records), batch), desc=desc, disable=not progress):
+        yield np.concatenate([preprocess(pydicom.dcmread(r.path), size)[:1]
+                              for r in records[i : i + batch]])  # fmt: skip
