@@ -118,12 +118,18 @@ def test_paired_copies_share_one_look_at_different_motion(tmp_path: Path):
     so a look never goes with one label only; unpaired copies each draw their own."""
     import csv
 
+    from click.testing import CliRunner
+
+    from training.cli import main
+
     _write_clean_series(tmp_path / "in" / "a", "SUBJ-A")
     looks = {}
     for paired in (True, False):
-        config = CorruptConfig(copies=4, levels=("clean", "heavy"), seed=7, paired=paired)
         out = tmp_path / f"out-{paired}"
-        write_corrupted([tmp_path / "in"], out, config, progress=False)
+        args = ["corrupt", str(tmp_path / "in"), "--out", str(out), "--copies", "4", "--seed",
+                "7", "--levels", "clean,heavy", "--paired" if paired else "--unpaired"]  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
         with (out / "corruption.csv").open() as fh:
             rows = list(csv.DictReader(fh))
         looks[paired] = {int(r["copy"]): r["nuisance"] for r in rows}
@@ -131,6 +137,9 @@ def test_paired_copies_share_one_look_at_different_motion(tmp_path: Path):
     assert looks[True][0] == looks[True][1] and looks[True][2] == looks[True][3]
     assert looks[True][0] != looks[True][2]
     assert len(set(looks[False].values())) == 4
+    bad = CliRunner().invoke(main, ["corrupt", str(tmp_path / "in"), "--out", str(tmp_path / "x"),
+                                    "--levels", "clean,wobbly"])  # fmt: skip
+    assert bad.exit_code != 0 and "wobbly" in bad.output
 
 
 @needs_anatomy

@@ -18,6 +18,16 @@ BUNDLED = Path(__file__).resolve().parents[1] / "mriqa_node" / "models" / "bundl
 PAPER_CONFIGS = [(m, t) for m in ("convnet", "resnet10") for t in ("binary", "3class")]
 
 
+def _levels(value: str) -> tuple[str, ...]:
+    from training.realmotion.corrupt import LEVELS
+
+    levels = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = sorted(set(levels) - set(LEVELS))
+    if unknown or not levels:
+        raise click.BadParameter(f"unknown level(s) {unknown}; known: {', '.join(LEVELS)}")
+    return levels
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(","))
 
@@ -92,14 +102,20 @@ def synth(out: Path, subjects: int, slices: tuple[int, int] | None, size: int, s
     "--paired/--unpaired", default=False, show_default=True,
     help="Copies 2k and 2k+1 share one nuisance draw (the look) at different motion levels.",
 )  # fmt: skip
+@click.option(
+    "--levels",
+    help="Motion levels cycled over the copies, comma-separated, of clean, mild, moderate and"
+    " heavy [default: clean,heavy,mild,clean,moderate,heavy].",
+)  # fmt: skip
 def corrupt(inputs: tuple[Path, ...], out: Path, copies: int, max_slices: int, nuisance: float,
-            seed: int, reslice: bool, paired: bool) -> None:  # fmt: skip
+            seed: int, reslice: bool, paired: bool, levels: str) -> None:  # fmt: skip
     """Motion-corrupted copies (DICOM + manifest.csv) of the clean series under INPUTS
     (DICOM folders or NIfTI files: real anatomy, a site's own clean series)."""
     from training.realmotion import CorruptConfig, write_corrupted
 
     config = CorruptConfig(copies=copies, max_slices=max_slices, nuisance=nuisance, seed=seed,
-                           reslice=reslice, paired=paired)  # fmt: skip
+                           reslice=reslice, paired=paired,
+                           **({"levels": _levels(levels)} if levels else {}))  # fmt: skip
     click.echo(f"manifest: {write_corrupted(inputs, out, config)}")
 
 
