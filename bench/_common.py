@@ -319,14 +319,16 @@ class BarePynetdicomServer(Server):
     name = "pynetdicom"
     aet = "BARE"
 
-    def __init__(self, workdir: Path, poll_ms: float | None = None) -> None:
+    def __init__(self, workdir: Path, poll_ms: float | None = None, processes: int = 1) -> None:
         super().__init__(workdir)
         self.poll_ms = poll_ms  # the DUL reactor's idle sleep; None: pynetdicom's 1 ms
+        self.processes = processes  # on one port with SO_REUSEPORT, as the node's receivers
 
     def start(self) -> BarePynetdicomServer:
         script = Path(__file__).with_name("_bare_scp.py")
-        poll = [] if self.poll_ms is None else [str(self.poll_ms)]
-        self._popen([PYTHON, str(script), self.aet, HOST, str(self.port), *poll], NODE_ENV)
+        poll = "-" if self.poll_ms is None else str(self.poll_ms)
+        self._popen([PYTHON, str(script), self.aet, HOST, str(self.port), poll,
+                     str(self.processes)], NODE_ENV)  # fmt: skip
         self.wait_echo(self.aet)
         return self
 

@@ -51,7 +51,7 @@ from _common import (
 
 TARGETS = ("node-sqlite", "node-pg", "storescp", "orthanc", "pynetdicom")
 # Diagnostic only (not run by default): the node with [storage] fsync = false.
-EXTRA_TARGETS = ("node-sqlite-nofsync", "pynetdicom-poll0.1")
+EXTRA_TARGETS = ("node-sqlite-nofsync", "pynetdicom-poll0.1", "pynetdicom-receivers")
 
 
 def count_node_instances(db_url: str) -> int:
@@ -119,9 +119,10 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
             orthanc.start()
             elapsed = send(orthanc.port, orthanc.aet)
             kept = orthanc.instance_count()
-    elif target in ("pynetdicom", "pynetdicom-poll0.1"):
+    elif target in ("pynetdicom", "pynetdicom-poll0.1", "pynetdicom-receivers"):
         poll = 0.1 if target == "pynetdicom-poll0.1" else None
-        with BarePynetdicomServer(workdir, poll) as bare:
+        processes = int(dicom.get("receivers", 1)) if target == "pynetdicom-receivers" else 1
+        with BarePynetdicomServer(workdir, poll, processes) as bare:
             bare.start()
             elapsed = send(bare.port, bare.aet)
             kept = len(files) + len(warm)  # keeps nothing by design
@@ -368,6 +369,7 @@ def _note(target: str) -> str:
         "orthanc": "file (fsync) + SQLite index",
         "pynetdicom": "nothing",
         "pynetdicom-poll0.1": "nothing; DUL idle sleep 0.1 ms, not 1 ms",
+        "pynetdicom-receivers": "nothing; as many processes on the port as --receivers",
     }[target]
 
 
