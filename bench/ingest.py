@@ -50,7 +50,8 @@ from _common import (
 )
 
 TARGETS = ("node-sqlite", "node-pg", "storescp", "orthanc", "pynetdicom")
-# Diagnostic only (not run by default): the node with [storage] fsync = false.
+# Diagnostic only (not run by default): the node with [storage] fsync = false, bare pynetdicom
+# with a 0.1 ms DUL poll, and bare pynetdicom in as many processes as the node's --receivers.
 EXTRA_TARGETS = ("node-sqlite-nofsync", "pynetdicom-poll0.1", "pynetdicom-receivers")
 
 
