@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import socket
 import sys
 import threading
 
@@ -21,11 +20,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-
-class SharedPortServer(ThreadedAssociationServer):
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+from mriqa_node.dicom.scp import SharedPortServer  # the bind the node's receivers use
 
 
 def handle_store(event: evt.Event) -> int:
