@@ -29,6 +29,9 @@ def test_demo_runs_with_defaults_and_prints_verdicts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     decided = [line for line in result.stdout.splitlines() if " decided " in line]
     assert len(decided) == 2, result.stdout
+    # The same phantoms every run: the clean one diagnostic, the one with motion 0.8 alerted.
+    verdicts = dict(re.findall(r"demo (\d+) \(motion [\d.]+\)\s+decided\s+(\S+)", result.stdout))
+    assert verdicts == {"1": "diagnostic", "2": "non_diagnostic"}, result.stdout
     # Embedded defaults: SQLite and spool under ./var, the bundled (trained) model.
     assert (tmp_path / "var" / "mriqa.db").is_file()
     assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 12
