@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,14 @@ from training.manifest import (
     task_label,
     write_manifest,
 )
-from training.train import TrainConfig, class_weights, read_history, select_runtime, train
+from training.train import (
+    TrainConfig,
+    class_weights,
+    read_history,
+    select_runtime,
+    soft_targets,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Keras' own model.save under numpy 2 (not ours): "__array__ implementation doesn't accept a copy"
@@ -318,13 +326,30 @@ def test_image_cache_parallel_decode(phantom: Path, tmp_path: Path, monkeypatch)
 # --- learning, resuming, exporting ----------------------------------------------------------
 
 
+def test_soft_targets_follow_the_measured_severity() -> None:
+    records = [rec("P", i, {}, truth=c) for i, c in enumerate((2, 1, 1, 0, 0, 0))]
+    severities = (0.0, 0.3, 0.45, 0.55, 0.9, None)
+    records = [replace(r, severity=s) for r, s in zip(records, severities, strict=True)]
+    labels = np.asarray([task_label(r.true_class, "binary") for r in records])
+    p = soft_targets(records, labels, width=0.05)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    assert np.all(np.diff(p[:5, 0]) > 0)  # P(non-diagnostic) rises with the severity
+    assert p[0, 0] < 0.001 and 0.1 < p[2, 0] < 0.5 < p[3, 0] < 0.9 and p[4, 0] > 0.99
+    assert p[5, 0] == 1.0  # no severity (a rated series): its hard label
+    with pytest.raises(ValueError, match="binary"):
+        TrainConfig(manifest="m", out_dir="o", task="3class", soft_labels=0.1)
+
+
 @pytest.mark.parametrize(
-    ("model", "steps"), [("convnet", 120), ("resnet10", 100)], ids=["convnet", "resnet10"]
+    ("model", "steps", "soft"),
+    [("convnet", 120, 0.0), ("resnet10", 100, 0.0), ("convnet", 120, 0.1)],
+    ids=["convnet", "resnet10", "convnet-soft-labels"],
 )
 def test_model_learns_motion_on_held_out_patients(
-    phantom: Path, cache_dir: Path, tmp_path: Path, model: str, steps: int
+    phantom: Path, cache_dir: Path, tmp_path: Path, model: str, steps: int, soft: float
 ) -> None:
-    run = train(tiny_config(phantom, tmp_path / model, cache_dir, model=model, steps=steps))
+    run = train(tiny_config(phantom, tmp_path / model, cache_dir, model=model, steps=steps,
+                            soft_labels=soft))  # fmt: skip
     for name in ("config.json", "splits.json", "history.csv", "model.keras", "predictions.npz"):
         assert (run / name).is_file(), name
     assert list((run / "tb").iterdir()) and list((run / "checkpoints").glob("ckpt-*.index"))

@@ -262,6 +262,11 @@ def _train_config(**kw):
     help="Train/val/test shares of the other patients.",
 )
 @click.option("--class-weights", is_flag=True, help="Inverse-frequency class weights.")
+@click.option(
+    "--soft-labels", type=float, default=0.0, show_default=True,
+    help="Binary: train on P(non-diagnostic) from the measured severity, a sigmoid of this"
+    " width around the boundary (0: hard labels).",
+)  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
 @click.option("--eval-every", default=200, show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
@@ -271,8 +276,9 @@ def _train_config(**kw):
 )  # fmt: skip
 def train(manifest: Path, out: Path, model: str, task: str, label: str, steps: int, batch: int,
           lr: float, widths: str, width: int, downsample: int, head: str, val_patients: str,
-          test_patients: str, augment: bool, fractions: str, class_weights: bool, seed: int,
-          eval_every: int, cache_dir: Path | None, init_from: Path | None) -> None:  # fmt: skip
+          test_patients: str, augment: bool, fractions: str, class_weights: bool,
+          soft_labels: float, seed: int, eval_every: int, cache_dir: Path | None,
+          init_from: Path | None) -> None:  # fmt: skip
     """Train one model (the paper's recipe by default); resumable."""
     from training.train import train as run_training
 
@@ -281,8 +287,8 @@ def train(manifest: Path, out: Path, model: str, task: str, label: str, steps: i
         batch=batch, lr=lr, widths=_ints(widths), width=width, downsample=downsample, head=head,
         val_patients=_names(val_patients), test_patients=_names(test_patients),
         fractions=tuple(float(f) for f in fractions.split(",")), augment=augment,
-        class_weights=class_weights, seed=seed, eval_every=eval_every, cache_dir=cache_dir,
-        init_from=init_from,
+        class_weights=class_weights, soft_labels=soft_labels, seed=seed, eval_every=eval_every,
+        cache_dir=cache_dir, init_from=init_from,
     )  # fmt: skip
     click.echo(f"run: {run_training(config)}")
 

@@ -299,7 +299,8 @@ def make_dataset(
 ):
     """tf.data.Dataset of (float32 [b, size, size, 1] images in [0, 1], int32 [b] labels).
 
-    ``indices`` are cache rows and ``labels`` their labels (aligned). Images are already in
+    ``indices`` are cache rows and ``labels`` their labels (aligned): class indices, or soft
+    targets [n, classes] (float32 [b, classes] batches then). Images are already in
     [0, 1] from ``preprocess``: unlike the paper (which divides raw pixels by 255), nothing is
     rescaled here. Shuffling (a full permutation, redrawn each epoch) is deterministic for a
     seed. Batches are gathered from the memory-mapped cache in parallel and prefetched, so the
@@ -316,8 +317,9 @@ def make_dataset(
     import tensorflow as tf
 
     indices = np.asarray(indices, np.int64)
-    labels = np.asarray(labels, np.int32)
-    if indices.shape != labels.shape:
+    labels = np.asarray(labels)
+    labels = labels.astype(np.float32 if labels.ndim == 2 else np.int32)  # soft targets: [n, c]
+    if indices.shape != labels.shape[:1]:
         raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
     size = cache.size
     cache.data  # noqa: B018  (open the memory map once, before the pipeline's threads use it)

@@ -51,6 +51,7 @@ from training.manifest import (
     split_report,
     task_label,
 )
+from training.synth.raters import TRUTH_THRESHOLDS
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ HISTORY_COLUMNS = ("step", "train_loss", "train_acc", "val_loss", "val_acc", "se
 RESUME_KEYS = (
     "model", "task", "label", "batch", "lr", "input_size", "widths", "width",
     "class_weights", "seed", "fractions", "manifest_sha256", "downsample", "head", "augment",
-    "val_patients", "test_patients",
+    "val_patients", "test_patients", "soft_labels",
 )  # fmt: skip
 
 
@@ -89,6 +90,12 @@ class TrainConfig:
     val_patients: tuple[str, ...] = ()
     test_patients: tuple[str, ...] = ()
     class_weights: bool = False  # inverse class frequency weights in the loss
+    # Binary only: train on P(non-diagnostic) = sigmoid((severity - 0.5) / soft_labels) of each
+    # slice's measured severity instead of its class (0: hard labels). A slice at severity
+    # 0.49 is then not taught to look like a clean one, so the score rises with the
+    # severity (mild motion above clean) instead of stepping at the boundary. Records without
+    # a severity (a site's rated series) keep their hard label.
+    soft_labels: float = 0.0
     seed: int = 0
     eval_every: int = 200
     checkpoint_every: int = 500
@@ -111,6 +118,8 @@ class TrainConfig:
         self.test_patients = tuple(self.test_patients)
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.soft_labels < 0 or (self.soft_labels > 0 and self.task != "binary"):
+            raise ValueError("soft_labels is a width >= 0, for the binary task only")
         if self.steps < 0 or self.batch < 1 or self.eval_every < 1 or self.checkpoint_every < 1:
             raise ValueError("steps >= 0, batch, eval_every and checkpoint_every >= 1")
 
@@ -261,6 +270,17 @@ class SplitData:
     records: list[Record]
     samples: Samples
     labels: np.ndarray  # task labels per sample (int32)
+    targets: np.ndarray | None = None  # soft P(class) per sample [n, classes], or None
+
+
+def soft_targets(records: Sequence[Record], labels: np.ndarray, width: float) -> np.ndarray:
+    """[n, 2] float32 (P(non-diagnostic), P(diagnostic)) from the measured severity around the
+    truth's non-diagnostic boundary; a record without severity keeps its hard label."""
+    boundary = TRUTH_THRESHOLDS[1]
+    severity = np.asarray([np.nan if r.severity is None else r.severity for r in records])
+    p = 1.0 / (1.0 + np.exp(-(np.nan_to_num(severity) - boundary) / width))
+    p = np.where(np.isnan(severity), (np.asarray(labels) == 0).astype(float), p)
+    return np.stack([p, 1.0 - p], axis=1).astype(np.float32)
 
 
 def _prepare_data(
@@ -307,7 +327,10 @@ def _prepare_data(
         recs = splits[name]
         samples = cache.samples(recs)
         y = np.asarray([labels[recs[i].sop_instance_uid] for i in samples.record], np.int32)
-        data[name] = SplitData(recs, samples, y)
+        soft = None
+        if config.soft_labels > 0:
+            soft = soft_targets([recs[i] for i in samples.record], y, config.soft_labels)
+        data[name] = SplitData(recs, samples, y, soft)
     if len(data["train"].samples) == 0:
         raise ValueError("the training split has no decodable image")
     return data, cache
@@ -371,6 +394,7 @@ def train(config: TrainConfig, strategy: Any = None) -> Path:
     data, cache = _prepare_data(config, out, manifest_hash, chief)
     num_classes = NUM_CLASSES[config.task]
     train_y = data["train"].labels
+    train_targets = data["train"].targets if data["train"].targets is not None else train_y
     weights = (
         class_weights(train_y, num_classes) if config.class_weights
         else np.ones(num_classes, np.float32)
@@ -422,7 +446,7 @@ def train(config: TrainConfig, strategy: Any = None) -> Path:
         # Mixed precision: float16 straight from the cache, cast on the device (same values).
         transport = "float16" if runtime.mixed_precision and cache.dtype == "float16" else None
         train_ds = make_dataset(
-            cache, data["train"].samples.rows, train_y, config.batch,
+            cache, data["train"].samples.rows, train_targets, config.batch,
             shuffle=True, repeat=True, seed=config.seed + start,  # fresh order after a resume
             dtype=transport or "float32", augment=config.augment,
         )  # fmt: skip
@@ -458,8 +482,10 @@ def _init_weights(model, source: Path) -> None:
 def make_train_step(model, optimizer, strategy, batch: int, weights=None, xla: bool = False):
     """A compiled ``train_step(iterator) -> (ce_sum, correct, n)`` over a distributed iterator
     of (images, labels): one optimizer step on the global ``batch``, the loss weighted per
-    class by ``weights`` (None: unweighted), summed over replicas (plain, unweighted cross
-    entropy sum, correct predictions and count, for logging). XLA compiles forward and backward;
+    class by ``weights`` (None: unweighted); labels are class indices, or soft targets
+    [b, classes] (float), whose most likely class then counts for the accuracy and weight;
+    summed over replicas (plain, unweighted cross entropy sum, correct predictions and count,
+    for logging). XLA compiles forward and backward;
     the optimizer (with its cross-replica all-reduce) stays outside the compiled function.
     """
     import tensorflow as tf
@@ -472,7 +498,11 @@ def make_train_step(model, optimizer, strategy, batch: int, weights=None, xla: b
     def gradients(x, y):
         with tf.GradientTape() as tape:
             logits = tf.cast(model(x, training=True), tf.float32)
-            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            if y.dtype.is_floating:  # soft targets
+                ce = tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=logits)
+                y = tf.argmax(y, axis=-1, output_type=tf.int32)
+            else:
+                ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             loss = tf.nn.compute_average_loss(ce * tf.gather(cw, y), global_batch_size=batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
