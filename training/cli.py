@@ -398,8 +398,12 @@ def _default_real() -> list[Path]:
     show_default=True,
     help="Write the artifact to mriqa_node/models/bundled.",
 )
+@click.option(
+    "--soft-labels", type=float, default=0.0, show_default=True,
+    help="Train on the measured severity (see `train --soft-labels`); 0: on the class.",
+)  # fmt: skip
 def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths: str,
-           install: bool) -> None:  # fmt: skip
+           install: bool, soft_labels: float) -> None:  # fmt: skip
     """Train the node's bundled model on real anatomy with k-space motion plus phantoms
     (about an hour and a half on 2 CPU cores); resumable."""
     from training.report import write_run_report
@@ -412,6 +416,7 @@ def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths:
         manifest=mixed, out_dir=run, model="convnet", task="binary", label="truth", steps=steps,
         batch=24, widths=_ints(widths), downsample=2, head="gap", augment=True,
         val_patients=BUNDLE_VAL, test_patients=BUNDLE_TEST, fractions=(1.0, 0.0, 0.0),
+        soft_labels=soft_labels,
     ))  # fmt: skip
     write_run_report(run, mixed)
     target = BUNDLED if install else out / "artifact"
