@@ -52,3 +52,11 @@ def test_synth_train_report_export(tmp_path: Path) -> None:
     target, installed = ModelStore(tmp_path / "models").install(out)
     assert installed.sha256 == meta["sha256"] and (target / "model.keras").is_file()
     assert (target / "ood.npz").is_file() and installed.ood == meta["ood"]
+
+    # What `mriqa demo` would show with this artifact: one verdict per phantom series and level.
+    table = run("phantoms", str(out), "--seeds", "2", "--slices", "4", "--motions", "0,1")
+    header, *rows = table[table.index("motion") :].strip().splitlines()  # after the progress bar
+    labels = header.split()[1:]
+    assert labels and set(labels) <= {"diagnostic", "non_diagnostic", "not_assessed"}
+    assert [r.split()[0] for r in rows] == ["0.0", "1.0"]
+    assert all(sum(map(int, r.split()[1:])) == 2 for r in rows)

@@ -140,6 +140,26 @@ def evaluate(artifact: Path, data: tuple[Path, ...], sources: tuple[str, ...],
 
 
 @main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--seeds", default=20, show_default=True, help="Phantom subjects per level.")
+@click.option("--first-seed", default=1000, show_default=True, help="The demo's own: 1000.")
+@click.option("--slices", default=12, show_default=True)
+@click.option("--motions", default="0,0.2,0.8,1.0", show_default=True,
+              help="Motion levels, 0 (still) .. 1 (deep free breathing).")  # fmt: skip
+def phantoms(artifact: Path, seeds: int, first_seed: int, slices: int, motions: str) -> None:
+    """An exported model on the demo scanner's phantoms: series verdicts per motion level
+    (what `mriqa demo` will show with this model)."""
+    from training.phantomeval import phantom_verdicts
+
+    levels = [float(m) for m in motions.split(",")]
+    counts = phantom_verdicts(artifact, range(first_seed, first_seed + seeds), levels, slices)
+    labels = sorted({label for c in counts.values() for label in c})
+    click.echo(f"{'motion':>6}  " + "  ".join(f"{label:>15}" for label in labels))
+    for m, c in counts.items():
+        click.echo(f"{m:>6.1f}  " + "  ".join(f"{c[label]:>15}" for label in labels))
+
+
+@main.command()
 @click.argument("manifests", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
