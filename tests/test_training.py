@@ -402,6 +402,10 @@ def test_training_resumes_from_last_checkpoint(phantom: Path, cache_dir: Path, t
 
     with np.load(out / "predictions.npz") as npz:
         assert npz["val_probs"].shape[1] == 3 and set(npz["val_labels"]) == {0, 2}
+        logits = npz["val_logits"]
+    train(cfg)  # already at its last step: nothing to train, the same model exported again
+    with np.load(out / "predictions.npz") as npz:
+        np.testing.assert_array_equal(npz["val_logits"], logits)
     with pytest.raises(ValueError, match="other settings"):
         train(tiny_config(phantom, out, cache_dir, steps=90, task="binary"))
 

@@ -537,14 +537,16 @@ class _Evaluator:
                 config.model, config.input_size, num_classes, **config.model_kwargs()
             )
         self.calibrate = BatchNormCalibrator(self.model)
-        self.bn_batches = config.bn_recalibration
-        self._bn_iter = None
-        if self.bn_batches > 0 and len(train.samples):
-            bn_ds = make_dataset(
-                cache, train.samples.rows, train.labels, config.batch,
-                shuffle=True, repeat=True, seed=config.seed + 1,
-            )  # fmt: skip
-            self._bn_iter = iter(bn_ds)
+        self.bn_batches = config.bn_recalibration if len(train.samples) else 0
+
+        def bn_batches():
+            """The same training batches at every sync, so that a run resumed at its last
+            step exports the very model the uninterrupted run did."""
+            ds = make_dataset(cache, train.samples.rows, train.labels, config.batch,
+                              shuffle=True, repeat=True, seed=config.seed + 1)  # fmt: skip
+            return ds.take(self.bn_batches)
+
+        self._bn_batches = bn_batches
         model = self.model
 
         @tf.function(reduce_retracing=True)
@@ -556,8 +558,8 @@ class _Evaluator:
     def sync(self, training_model) -> None:
         for dst, src in zip(self.model.weights, training_model.weights, strict=True):
             dst.assign(src.value)  # float32 master weights, also under mixed precision
-        if self._bn_iter is not None:
-            self.calibrate(next(self._bn_iter) for _ in range(self.bn_batches))
+        if self.bn_batches > 0:
+            self.calibrate(iter(self._bn_batches()))
 
     def evaluate(self, ds) -> tuple[float, float]:
         import tensorflow as tf
