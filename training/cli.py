@@ -195,7 +195,7 @@ REAL_SOURCES = {
     "nifti-brain": ("unknown_unknown_brain*",),
     "nifti-cspine": ("unknown_unknown_cspine*",),
 }
-BUNDLE_VERSION = "2.2.0"  # of the artifact `bundle` makes; bump it with the recipe
+BUNDLE_VERSION = "2.3.0"  # of the artifact `bundle` makes; bump it with the recipe
 BUNDLE_VAL = ("GE_MEDICAL_SYSTEMS_SCD0000101", "Siemens_Healthineers*", "SYN000[1-3]")
 BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "SYN000[4-8]")
 
@@ -419,13 +419,13 @@ def _default_real() -> list[Path]:
     help="Write the artifact to mriqa_node/models/bundled.",
 )
 @click.option(
-    "--soft-labels", type=float, default=0.0, show_default=True,
+    "--soft-labels", type=float, default=0.1, show_default=True,
     help="Train on the measured severity (see `train --soft-labels`); 0: on the class.",
 )  # fmt: skip
 def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths: str,
            install: bool, soft_labels: float) -> None:  # fmt: skip
     """Train the node's bundled model on real anatomy with k-space motion plus phantoms
-    (about an hour and a half on 2 CPU cores); resumable."""
+    (45 minutes to an hour on 2 CPU cores); resumable."""
     from training.report import write_run_report
     from training.train import train as run_training
 
