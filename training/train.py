@@ -539,14 +539,14 @@ class _Evaluator:
         self.calibrate = BatchNormCalibrator(self.model)
         self.bn_batches = config.bn_recalibration if len(train.samples) else 0
 
-        def bn_batches():
+        def bn_data():
             """The same training batches at every sync, so that a run resumed at its last
             step exports the very model the uninterrupted run did."""
             ds = make_dataset(cache, train.samples.rows, train.labels, config.batch,
                               shuffle=True, repeat=True, seed=config.seed + 1)  # fmt: skip
             return ds.take(self.bn_batches)
 
-        self._bn_batches = bn_batches
+        self._bn_data = bn_data
         model = self.model
 
         @tf.function(reduce_retracing=True)
@@ -559,7 +559,7 @@ class _Evaluator:
         for dst, src in zip(self.model.weights, training_model.weights, strict=True):
             dst.assign(src.value)  # float32 master weights, also under mixed precision
         if self.bn_batches > 0:
-            self.calibrate(iter(self._bn_batches()))
+            self.calibrate(iter(self._bn_data()))
 
     def evaluate(self, ds) -> tuple[float, float]:
         import tensorflow as tf
