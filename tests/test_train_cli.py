@@ -60,3 +60,27 @@ def test_synth_train_report_export(tmp_path: Path) -> None:
     assert labels and set(labels) <= {"diagnostic", "non_diagnostic", "not_assessed"}
     assert [r.split()[0] for r in rows] == ["0.0", "1.0"]
     assert all(sum(map(int, r.split()[1:])) == 2 for r in rows)
+
+
+@pytest.mark.parametrize(("args", "task", "width"), [
+    ((), "binary", 0.1),
+    (("--task", "3class"), "3class", 0.0),
+    (("--soft-labels", "0"), "binary", 0.0),
+])  # fmt: skip
+def test_loso_trains_the_bundle_recipe_labels(tmp_path: Path, monkeypatch, args, task, width):
+    """`loso` is the bundle recipe's figure, so it trains on the bundle's soft labels unless told
+    otherwise, and on classes for 3-class (which soft labels do not support)."""
+    import training.loso
+
+    seen = {}
+
+    def record(base, *args, **kwargs):
+        seen["base"] = base
+        return {"per_source": {}}
+
+    monkeypatch.setattr(training.loso, "run_loso", record)
+    (tmp_path / "m.csv").write_text("")
+    (tmp_path / "c.csv").write_text("")
+    run("loso", "--manifest", str(tmp_path / "m.csv"), "--corruption", str(tmp_path / "c.csv"),
+        "--out", str(tmp_path / "loso"), *args)  # fmt: skip
+    assert (seen["base"].task, seen["base"].soft_labels) == (task, width)

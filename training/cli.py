@@ -197,6 +197,7 @@ REAL_SOURCES = {
 }
 BUNDLE_VERSION = "2.3.0"  # of the artifact `bundle` makes; bump it with the recipe
 BUNDLE_VAL = ("GE_MEDICAL_SYSTEMS_SCD0000101", "Siemens_Healthineers*", "SYN000[1-3]")
+BUNDLE_SOFT_LABELS = 0.1  # the bundle recipe trains on soft labels of this width
 BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "SYN000[4-8]")
 
 
@@ -221,16 +222,22 @@ BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "
               multiple=True, help="Also score each fold's held-out subjects in these"
               " `corrupt` folders (another seed, paired looks); finished folds are not"
               " retrained.")  # fmt: skip
+@click.option("--soft-labels", type=float, default=None,
+              help="As `bundle --soft-labels` (default: 0.1 as the bundle recipe for binary;"
+              " 0, the class, for 3class).")  # fmt: skip
 def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, batch: int,
          widths: str, downsample: int, only: tuple[str, ...], task: str,
-         eval_data: tuple[Path, ...]) -> None:  # fmt: skip
+         eval_data: tuple[Path, ...], soft_labels: float | None) -> None:  # fmt: skip
     """Leave-one-source-out table of the bundle recipe (reduced size and steps on a CPU)."""
     from training.loso import run_loso
 
+    if soft_labels is None:
+        soft_labels = BUNDLE_SOFT_LABELS if task == "binary" else 0.0
     base = _train_config(manifest=manifest, out_dir=out, model="convnet", task=task,
                          label="truth", steps=steps, batch=batch, widths=_ints(widths),
                          downsample=downsample, head="gap", augment=True, eval_every=steps,
-                         checkpoint_every=steps, bn_recalibration=8)  # fmt: skip
+                         checkpoint_every=steps, bn_recalibration=8,
+                         soft_labels=soft_labels)  # fmt: skip
     sources = {k: v for k, v in REAL_SOURCES.items() if not only or k in only}
     summary = run_loso(base, corruption, sources, BUNDLE_VAL, out, eval_data=eval_data)
     click.echo(f"loso: {out / 'loso.md'} ({len(summary['per_source'])} sources)")
@@ -419,7 +426,7 @@ def _default_real() -> list[Path]:
     help="Write the artifact to mriqa_node/models/bundled.",
 )
 @click.option(
-    "--soft-labels", type=float, default=0.1, show_default=True,
+    "--soft-labels", type=float, default=BUNDLE_SOFT_LABELS, show_default=True,
     help="Train on the measured severity (see `train --soft-labels`); 0: on the class.",
 )  # fmt: skip
 def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths: str,
