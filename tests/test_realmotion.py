@@ -323,3 +323,14 @@ def test_leave_one_source_out_holds_each_source_out_and_scores_it_on_other_data(
         r["slices"] for r in summary["per_source"].values()]  # fmt: skip
     assert again["per_source_eval"]["a: ACME_SUBJ-A"]["clean_series"] == 2  # 4 copies there
     assert "The same folds on" in (tmp_path / "loso" / "loso.md").read_text()
+
+    # A second seed per fold, merged as the bundle recipe merges its runs: seed 0 is reused.
+    merged = run_loso(base, corruption, {"a": sources["a"]}, val, tmp_path / "loso", seeds=2)
+    assert sorted(p.name for p in (tmp_path / "loso" / "a" / "checkpoints").iterdir()) == (
+        checkpoints
+    )
+    members = json.loads((tmp_path / "loso" / "a-ensemble" / "ensemble.json").read_text())
+    assert [Path(m).name for m in members["members"]] == ["a", "a-seed1"]
+    assert merged["seeds"] == 2 and "2 seeds merged" in (tmp_path / "loso" / "loso.md").read_text()
+    assert merged["per_source"]["a: ACME_SUBJ-A"]["slices"] == again["per_source"][
+        "a: ACME_SUBJ-A"]["slices"]  # fmt: skip

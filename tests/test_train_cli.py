@@ -75,7 +75,7 @@ def test_loso_trains_the_bundle_recipe_labels(tmp_path: Path, monkeypatch, args,
     seen = {}
 
     def record(base, *args, **kwargs):
-        seen["base"] = base
+        seen["base"], seen["seeds"] = base, kwargs["seeds"]
         return {"per_source": {}}
 
     monkeypatch.setattr(training.loso, "run_loso", record)
@@ -84,3 +84,4 @@ def test_loso_trains_the_bundle_recipe_labels(tmp_path: Path, monkeypatch, args,
     run("loso", "--manifest", str(tmp_path / "m.csv"), "--corruption", str(tmp_path / "c.csv"),
         "--out", str(tmp_path / "loso"), *args)  # fmt: skip
     assert (seen["base"].task, seen["base"].soft_labels) == (task, width)
+    assert seen["seeds"] == 2  # as the bundle recipe

@@ -503,6 +503,80 @@ def test_exported_artifact_loads_in_node_with_same_probabilities(
         export_artifact(small, tmp_path / "nope", "x", "0")
 
 
+def test_merged_convnets_score_the_mean_of_their_logits(tmp_path: Path) -> None:
+    import keras
+
+    from mriqa_node.ml.architectures import convnet
+    from mriqa_node.ml.explain import feature_layer
+    from mriqa_node.ml.ood import feature_model
+    from training.ensemble import merge_convnets
+
+    keras.utils.set_random_seed(1)
+    members = [convnet(64, widths=SMALL_WIDTHS, downsample=2, head="gap") for _ in range(3)]
+    merged = merge_convnets(members)
+    x = np.random.default_rng(0).random((5, 64, 64, 1)).astype(np.float32)
+    each = [np.asarray(m(x, training=False)) for m in members]
+    assert (
+        np.abs(each[0] - each[1]).max() > 1e-3
+    )  # members that differ, so the mean means something
+    np.testing.assert_allclose(np.asarray(merged(x, training=False)), np.mean(each, axis=0),
+                               atol=1e-5)  # fmt: skip
+    # one feature map for Grad-CAM and the OOD guard: the members' side by side
+    assert feature_layer(merged).name == "members"
+    assert feature_model(merged)(x)[1].shape == (5, 3 * SMALL_WIDTHS[-1])
+    merged.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(merged(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="GAP-head"):
+        merge_convnets([convnet(64, widths=SMALL_WIDTHS)] * 2)  # flatten head
+    with pytest.raises(ValueError, match="at least two"):
+        merge_convnets(members[:1])
+
+
+def test_merged_runs_export_and_the_node_scores_them_as_exported(
+    phantom: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from mriqa_node.ml.scorer import Scorer
+    from mriqa_node.preprocess import INPUT_SIZE
+    from training.calibration import softmax
+    from training.cli import main as cli_main
+    from training.ensemble import merge_runs
+    from training.export import export_artifact
+
+    def tiny_gap_run(name: str, steps: int = 4, **kw) -> Path:
+        return train(tiny_config(phantom, tmp_path / name, cache_dir, input_size=INPUT_SIZE,
+                                 steps=steps, batch=8, widths=TINY_WIDTHS, downsample=2,
+                                 head="gap", eval_every=steps, checkpoint_every=steps,
+                                 bn_recalibration=2, **kw))  # fmt: skip
+
+    split = dict(val_patients=("PAT00[0-2]",), test_patients=("PAT00[3-5]",),
+                 fractions=(1.0, 0.0, 0.0))  # fmt: skip
+    runs = [tiny_gap_run(f"seed{seed}", seed=seed, **split) for seed in (0, 1)]
+    merged_cli = CliRunner().invoke(cli_main, ["ensemble", *map(str, runs), "--out",
+                                               str(tmp_path / "ensemble")])  # fmt: skip
+    assert merged_cli.exit_code == 0, merged_cli.output
+    run = tmp_path / "ensemble"
+    with np.load(run / "predictions.npz") as npz:
+        merged = {k: npz[k] for k in npz.files}
+    members = [dict(np.load(r / "predictions.npz")) for r in runs]
+    mean = (members[0]["val_logits"] + members[1]["val_logits"]) / 2
+    np.testing.assert_allclose(merged["val_logits"], mean)
+    meta = export_artifact(run, tmp_path / "artifact", "ensemble-test", "1.0.0", ood=False)
+
+    records = {r.sop_instance_uid: r for r in read_manifest(phantom)}
+    cache = ImageCache(cache_dir, size=INPUT_SIZE)
+    sops = merged["val_sop_uids"][:16]
+    x = cache.gather(np.array([cache.rows(records[s])[0] for s in sops]))
+    expected = softmax(merged["val_logits"][:16], meta.temperature)
+    np.testing.assert_allclose(Scorer(tmp_path / "artifact").predict(x), expected, atol=1e-4)
+
+    other = tiny_gap_run("other", steps=1)  # the default split: another one
+    with pytest.raises(ValueError, match="split"):
+        merge_runs([runs[0], other], tmp_path / "nope")
+
+
 # --- operating point ------------------------------------------------------------------------
 
 

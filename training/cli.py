@@ -198,6 +198,7 @@ REAL_SOURCES = {
 BUNDLE_VERSION = "2.3.0"  # of the artifact `bundle` makes; bump it with the recipe
 BUNDLE_VAL = ("GE_MEDICAL_SYSTEMS_SCD0000101", "Siemens_Healthineers*", "SYN000[1-3]")
 BUNDLE_SOFT_LABELS = 0.1  # the bundle recipe trains on soft labels of this width
+BUNDLE_SEEDS = 2  # ... in this many runs, merged into one model
 BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "SYN000[4-8]")
 
 
@@ -225,9 +226,11 @@ BUNDLE_TEST = ("Philips_d2n*", "SIEMENS_021234567", "unknown_unknown_cspine*", "
 @click.option("--soft-labels", type=float, default=None,
               help="As `bundle --soft-labels` (default: 0.1 as the bundle recipe for binary;"
               " 0, the class, for 3class).")  # fmt: skip
+@click.option("--seeds", type=click.IntRange(1), default=BUNDLE_SEEDS, show_default=True,
+              help="Runs per fold, merged into one model as `bundle` merges them.")  # fmt: skip
 def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, batch: int,
          widths: str, downsample: int, only: tuple[str, ...], task: str,
-         eval_data: tuple[Path, ...], soft_labels: float | None) -> None:  # fmt: skip
+         eval_data: tuple[Path, ...], soft_labels: float | None, seeds: int) -> None:  # fmt: skip
     """Leave-one-source-out table of the bundle recipe (reduced size and steps on a CPU)."""
     from training.loso import run_loso
 
@@ -239,7 +242,8 @@ def loso(manifest: Path, corruption: tuple[Path, ...], out: Path, steps: int, ba
                          checkpoint_every=steps, bn_recalibration=8,
                          soft_labels=soft_labels)  # fmt: skip
     sources = {k: v for k, v in REAL_SOURCES.items() if not only or k in only}
-    summary = run_loso(base, corruption, sources, BUNDLE_VAL, out, eval_data=eval_data)
+    summary = run_loso(base, corruption, sources, BUNDLE_VAL, out, eval_data=eval_data,
+                       seeds=seeds)  # fmt: skip
     click.echo(f"loso: {out / 'loso.md'} ({len(summary['per_source'])} sources)")
 
 
@@ -407,6 +411,18 @@ def _default_real() -> list[Path]:
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def ensemble(runs: tuple[Path, ...], out: Path) -> None:
+    """Merge finished runs of one recipe and split (other seeds) into one run whose model scores
+    the mean of their logits; `export` it as any run. GAP-head ConvNets only."""
+    from training.ensemble import merge_runs
+
+    click.echo(f"ensemble: {merge_runs(runs, out)} ({len(runs)} members)")
+
+
+@main.command()
 @click.option(
     "--real",
     type=click.Path(exists=True, path_type=Path),
@@ -429,23 +445,32 @@ def _default_real() -> list[Path]:
     "--soft-labels", type=float, default=BUNDLE_SOFT_LABELS, show_default=True,
     help="Train on the measured severity (see `train --soft-labels`); 0: on the class.",
 )  # fmt: skip
+@click.option(
+    "--seeds", type=click.IntRange(1), default=BUNDLE_SEEDS, show_default=True,
+    help="Runs of the recipe, seeds 0 to N-1; several are merged into one model that scores"
+    " the mean of their logits (see `ensemble`).",
+)  # fmt: skip
 def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths: str,
-           install: bool, soft_labels: float) -> None:  # fmt: skip
+           install: bool, soft_labels: float, seeds: int) -> None:  # fmt: skip
     """Train the node's bundled model on real anatomy with k-space motion plus phantoms
-    (45 minutes to an hour on 2 CPU cores); resumable."""
+    (about half an hour per seed on 2 CPU cores); resumable."""
+    from training.ensemble import merge_runs
     from training.report import write_run_report
     from training.train import train as run_training
 
     real_manifest = _ensure_real(out / "real", real)
     mixed = _mix([real_manifest, _ensure_synth(out / "synth", subjects)], out / "mixed.csv")
-    run = out / "convnet-binary"
-    run_training(_train_config(
-        manifest=mixed, out_dir=run, model="convnet", task="binary", label="truth", steps=steps,
-        batch=24, widths=_ints(widths), downsample=2, head="gap", augment=True,
-        val_patients=BUNDLE_VAL, test_patients=BUNDLE_TEST, fractions=(1.0, 0.0, 0.0),
-        soft_labels=soft_labels,
-    ))  # fmt: skip
-    write_run_report(run, mixed)
+    runs = [out / ("convnet-binary" if seed == 0 else f"convnet-binary-seed{seed}")
+            for seed in range(seeds)]  # fmt: skip
+    for seed, run in enumerate(runs):
+        run_training(_train_config(
+            manifest=mixed, out_dir=run, model="convnet", task="binary", label="truth",
+            steps=steps, batch=24, widths=_ints(widths), downsample=2, head="gap", augment=True,
+            val_patients=BUNDLE_VAL, test_patients=BUNDLE_TEST, fractions=(1.0, 0.0, 0.0),
+            soft_labels=soft_labels, seed=seed,
+        ))  # fmt: skip
+        write_run_report(run, mixed)
+    run = runs[0] if seeds == 1 else merge_runs(runs, out / "ensemble")
     target = BUNDLED if install else out / "artifact"
     meta = _export(run, target, "convnet-binary-realmotion", BUNDLE_VERSION, 0.90)
     _model_card(target, meta, run, [out / "real" / "corruption.csv"])
@@ -535,6 +560,7 @@ def _model_card(target: Path, meta, run: Path, corruption: list[Path]) -> None:
         f"- series policy: {json.dumps(meta.policy)}",
         *(f"- WARNING: {w}" for w in op.get("warnings", [])),
         f"- sha256 of model.keras: {meta.sha256}",
+        *_members_lines(run),
         "",
         "## Scope (the node leaves everything else not assessed)",
         "",
@@ -555,6 +581,18 @@ def _model_card(target: Path, meta, run: Path, corruption: list[Path]) -> None:
         f"Training run config: `{json.dumps(json.loads((run / 'config.json').read_text()))}`",
     ]
     (target / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+def _members_lines(run: Path) -> list[str]:
+    from training.ensemble import ENSEMBLE_FILE
+
+    if not (run / ENSEMBLE_FILE).is_file():
+        return []
+    members = json.loads((run / ENSEMBLE_FILE).read_text())["members"]
+    seeds = [json.loads((Path(m) / "config.json").read_text())["seed"] for m in members]
+    seed_list = ", ".join(map(str, seeds))
+    return [f"- an ensemble: the mean of the logits of {len(members)} runs of the recipe"
+            f" (seeds {seed_list}); the config below is the first one's"]  # fmt: skip
 
 
 def _ood_lines(ood: dict) -> list[str]:

@@ -34,13 +34,18 @@ def run_loso(
     sensitivity: float = 0.90,
     max_false_alerts: float = 0.05,
     eval_data: Sequence[Path | str] = (),
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Train one run per source (``sources``: name -> patient patterns held out as test) and
     write ``loso.json`` and ``loso.md`` under ``out_dir``. ``eval_data``: other `corrupt`
     output folders of the same subjects (another seed, more copies, paired looks): each fold is
-    also scored on its held-out subjects there, a second table with less luck in it. Finished
-    folds are not trained again, so this can be added to a table afterwards."""
+    also scored on its held-out subjects there, a second table with less luck in it. ``seeds``
+    above 1: each fold is that many runs (seeds 0 to seeds - 1) merged into one model, as the
+    bundle recipe makes it (training.ensemble). Finished runs are not trained again, so a
+    table can be extended afterwards (another data set, more seeds)."""
     from fnmatch import fnmatchcase
+
+    from training.ensemble import merge_runs
 
     out = Path(out_dir)
     rows = read_corruption(corruption)
@@ -53,9 +58,11 @@ def run_loso(
         eval_rows = read_corruption([Path(d) / "corruption.csv" for d in eval_data])
     for name, patterns in sources.items():
         val = [v for v in val_patients if not any(fnmatchcase(v, p) for p in patterns)]
-        config = replace(base, out_dir=out / name, test_patients=tuple(patterns),
-                         val_patients=tuple(val), fractions=(1.0, 0.0, 0.0))  # fmt: skip
-        run = train(config)
+        config = replace(base, test_patients=tuple(patterns), val_patients=tuple(val),
+                         fractions=(1.0, 0.0, 0.0))  # fmt: skip
+        runs = [train(replace(config, out_dir=out / (name if seed == 0 else f"{name}-seed{seed}"),
+                              seed=seed)) for seed in range(seeds)]  # fmt: skip
+        run = runs[0] if seeds == 1 else merge_runs(runs, out / f"{name}-ensemble")
         preds = dict(np.load(run / PREDICTIONS_FILE))
         plan = plan_policy(preds, sensitivity, max_false_alerts)
         result = evaluate_real(preds, "test", rows, plan.policy,
@@ -68,6 +75,7 @@ def run_loso(
             per_source_eval |= {f"{name}: {k}": v for k, v in again.items()}
     summary = {
         "recipe": base.to_json(),
+        "seeds": seeds,
         "per_source": per_source,
         "pooled": pooled(per_source),
         "sensitivity_target": sensitivity,
@@ -82,8 +90,9 @@ def run_loso(
         "# Leave-one-source-out",
         "",
         f"Recipe: {base.model} widths {list(base.widths)}, downsample {base.downsample},"
-        f" head {base.head}, {base.steps} steps at batch {base.batch}. Each row: trained"
-        " without that source, evaluated on it alone.",
+        f" head {base.head}, {base.steps} steps at batch {base.batch}"
+        + (f", {seeds} seeds merged" if seeds > 1 else "")
+        + ". Each row: trained without that source, evaluated on it alone.",
         "",
         *table(per_source),
     ]
