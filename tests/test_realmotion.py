@@ -331,6 +331,7 @@ def test_leave_one_source_out_holds_each_source_out_and_scores_it_on_other_data(
     )
     members = json.loads((tmp_path / "loso" / "a-ensemble" / "ensemble.json").read_text())
     assert [Path(m).name for m in members["members"]] == ["a", "a-seed1"]
+    assert members["seeds"] == [0, 1]
     assert merged["seeds"] == 2 and "2 seeds merged" in (tmp_path / "loso" / "loso.md").read_text()
     assert merged["per_source"]["a: ACME_SUBJ-A"]["slices"] == again["per_source"][
         "a: ACME_SUBJ-A"]["slices"]  # fmt: skip

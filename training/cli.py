@@ -588,11 +588,9 @@ def _members_lines(run: Path) -> list[str]:
 
     if not (run / ENSEMBLE_FILE).is_file():
         return []
-    members = json.loads((run / ENSEMBLE_FILE).read_text())["members"]
-    seeds = [json.loads((Path(m) / "config.json").read_text())["seed"] for m in members]
-    seed_list = ", ".join(map(str, seeds))
-    return [f"- an ensemble: the mean of the logits of {len(members)} runs of the recipe"
-            f" (seeds {seed_list}); the config below is the first one's"]  # fmt: skip
+    seeds = ", ".join(map(str, json.loads((run / ENSEMBLE_FILE).read_text())["seeds"]))
+    return [f"- an ensemble: the mean of the logits of the recipe's runs with seeds {seeds};"
+            " the config below is the first one's"]  # fmt: skip
 
 
 def _ood_lines(ood: dict) -> list[str]:

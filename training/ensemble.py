@@ -68,7 +68,8 @@ def merge_runs(runs: Sequence[Path | str], out_dir: Path | str) -> Path:
     import keras
 
     runs = [Path(r) for r in runs]
-    data = [json.loads((r / CONFIG_FILE).read_text())["manifest_sha256"] for r in runs]
+    configs = [json.loads((r / CONFIG_FILE).read_text()) for r in runs]
+    data = [c["manifest_sha256"] for c in configs]
     splits = [json.loads((r / SPLITS_FILE).read_text())["patients"] for r in runs]
     if any(d != data[0] for d in data):
         raise ValueError("ensemble members must be trained on the same manifest")
@@ -90,5 +91,6 @@ def merge_runs(runs: Sequence[Path | str], out_dir: Path | str) -> Path:
     for name in (CONFIG_FILE, SPLITS_FILE, "history.csv"):
         if (runs[0] / name).is_file():
             shutil.copyfile(runs[0] / name, out / name)
-    (out / ENSEMBLE_FILE).write_text(json.dumps({"members": [str(r) for r in runs]}, indent=2))
+    members = {"members": [str(r) for r in runs], "seeds": [c["seed"] for c in configs]}
+    (out / ENSEMBLE_FILE).write_text(json.dumps(members, indent=2))
     return out
