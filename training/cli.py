@@ -454,23 +454,19 @@ def bundle(real: tuple[Path, ...], out: Path, subjects: int, steps: int, widths:
            install: bool, soft_labels: float, seeds: int) -> None:  # fmt: skip
     """Train the node's bundled model on real anatomy with k-space motion plus phantoms
     (about half an hour per seed on 2 CPU cores); resumable."""
-    from training.ensemble import merge_runs
+    from training.ensemble import train_seeds
     from training.report import write_run_report
-    from training.train import train as run_training
 
     real_manifest = _ensure_real(out / "real", real)
     mixed = _mix([real_manifest, _ensure_synth(out / "synth", subjects)], out / "mixed.csv")
-    runs = [out / ("convnet-binary" if seed == 0 else f"convnet-binary-seed{seed}")
-            for seed in range(seeds)]  # fmt: skip
-    for seed, run in enumerate(runs):
-        run_training(_train_config(
-            manifest=mixed, out_dir=run, model="convnet", task="binary", label="truth",
-            steps=steps, batch=24, widths=_ints(widths), downsample=2, head="gap", augment=True,
-            val_patients=BUNDLE_VAL, test_patients=BUNDLE_TEST, fractions=(1.0, 0.0, 0.0),
-            soft_labels=soft_labels, seed=seed,
-        ))  # fmt: skip
-        write_run_report(run, mixed)
-    run = runs[0] if seeds == 1 else merge_runs(runs, out / "ensemble")
+    runs, run = train_seeds(_train_config(
+        manifest=mixed, out_dir=out / "convnet-binary", model="convnet", task="binary",
+        label="truth", steps=steps, batch=24, widths=_ints(widths), downsample=2, head="gap",
+        augment=True, val_patients=BUNDLE_VAL, test_patients=BUNDLE_TEST,
+        fractions=(1.0, 0.0, 0.0), soft_labels=soft_labels,
+    ), seeds)  # fmt: skip
+    for member in runs:
+        write_run_report(member, mixed)
     target = BUNDLED if install else out / "artifact"
     meta = _export(run, target, "convnet-binary-realmotion", BUNDLE_VERSION, 0.90)
     _model_card(target, meta, run, [out / "real" / "corruption.csv"])

@@ -14,13 +14,21 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 
 from training.calibration import softmax
-from training.train import CONFIG_FILE, MODEL_FILE, PREDICTIONS_FILE, SPLITS_FILE
+from training.train import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    SPLITS_FILE,
+    TrainConfig,
+    train,
+)
 
 ENSEMBLE_FILE = "ensemble.json"  # the member runs of a merged run
 
@@ -94,3 +102,15 @@ def merge_runs(runs: Sequence[Path | str], out_dir: Path | str) -> Path:
     members = {"members": [str(r) for r in runs], "seeds": [c["seed"] for c in configs]}
     (out / ENSEMBLE_FILE).write_text(json.dumps(members, indent=2))
     return out
+
+
+def train_seeds(config: TrainConfig, seeds: int) -> tuple[list[Path], Path]:
+    """Train ``config`` with seeds 0 to ``seeds`` - 1 (``out_dir``, then ``out_dir``-seed1, ...;
+    finished runs are not trained again) and merge them into ``out_dir``-ensemble when there are
+    several. Returns the member runs and the run to export or score."""
+    out = Path(config.out_dir)
+    dirs = [out, *(out.with_name(f"{out.name}-seed{seed}") for seed in range(1, seeds))]
+    runs = [train(replace(config, out_dir=d, seed=seed)) for seed, d in enumerate(dirs)]
+    if seeds == 1:
+        return runs, runs[0]
+    return runs, merge_runs(runs, out.with_name(f"{out.name}-ensemble"))

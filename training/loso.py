@@ -20,7 +20,7 @@ import numpy as np
 
 from training.export import plan_policy
 from training.realeval import evaluate_real, pooled, read_corruption, table
-from training.train import PREDICTIONS_FILE, TrainConfig, train
+from training.train import PREDICTIONS_FILE, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_loso(
     table can be extended afterwards (another data set, more seeds)."""
     from fnmatch import fnmatchcase
 
-    from training.ensemble import merge_runs
+    from training.ensemble import train_seeds
 
     out = Path(out_dir)
     rows = read_corruption(corruption)
@@ -58,11 +58,9 @@ def run_loso(
         eval_rows = read_corruption([Path(d) / "corruption.csv" for d in eval_data])
     for name, patterns in sources.items():
         val = [v for v in val_patients if not any(fnmatchcase(v, p) for p in patterns)]
-        config = replace(base, test_patients=tuple(patterns), val_patients=tuple(val),
-                         fractions=(1.0, 0.0, 0.0))  # fmt: skip
-        runs = [train(replace(config, out_dir=out / (name if seed == 0 else f"{name}-seed{seed}"),
-                              seed=seed)) for seed in range(seeds)]  # fmt: skip
-        run = runs[0] if seeds == 1 else merge_runs(runs, out / f"{name}-ensemble")
+        config = replace(base, out_dir=out / name, test_patients=tuple(patterns),
+                         val_patients=tuple(val), fractions=(1.0, 0.0, 0.0))  # fmt: skip
+        _, run = train_seeds(config, seeds)
         preds = dict(np.load(run / PREDICTIONS_FILE))
         plan = plan_policy(preds, sensitivity, max_false_alerts)
         result = evaluate_real(preds, "test", rows, plan.policy,
