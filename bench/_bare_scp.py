@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import socket
 import sys
 import threading
 
@@ -20,7 +21,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from mriqa_node.dicom.scp import SharedPortServer  # the bind the node's receivers use
+
+class SharedPortServer(ThreadedAssociationServer):
+    """Binds with SO_REUSEPORT, as the node's receiver processes do."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def handle_store(event: evt.Event) -> int:

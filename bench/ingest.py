@@ -278,12 +278,6 @@ def main() -> int:
         help="the node's [dicom] receivers: processes on its port (default 1)",
     )
     ap.add_argument(
-        "--busy-poll-ms",
-        type=float,
-        default=None,
-        help="the node's [dicom] busy_poll_ms (default: the node's own)",
-    )
-    ap.add_argument(
         "--breakdown",
         action="store_true",
         help="instead: cost per instance of each step of the node's store handler, in process",
@@ -327,7 +321,7 @@ def main() -> int:
                 workdir = root / f"{target}-{rep}"
                 # Flush the previous run's dirty pages: its writeback would slow this run's fsyncs.
                 os.sync()
-                node = {"receivers": args.receivers, "busy_poll_ms": args.busy_poll_ms}
+                node = {"receivers": args.receivers}
                 elapsed = one_run(target, files, workdir, args.associations, node, warm)
                 shutil.rmtree(workdir, ignore_errors=True)
                 times[target].append(elapsed)

@@ -49,10 +49,6 @@ class DicomConfig(_Section):
     # Receiver processes on the port (SO_REUSEPORT), each with its own journal: associations
     # at once then use several cores. The limits above apply to each process.
     receivers: int = Field(1, ge=1, le=64)
-    # pynetdicom's network loop sleeps 1 ms when it finds nothing to do; while an association
-    # is sending, the node shortens that to this (ms), and lets it sleep 1 ms again after a
-    # second without a C-STORE (an idle association then costs what it did). 1: off.
-    busy_poll_ms: float = Field(0.1, gt=0, le=1)
     # Connections open at once from one address; more are closed at once (logged), so a peer
     # that opens connections and sends nothing cannot take every slot from the scanners.
     max_associations_per_peer: int = Field(8, ge=1)

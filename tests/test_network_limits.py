@@ -7,6 +7,7 @@ import contextlib
 import random
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
-from mriqa_node.dicom.limits import PeerExceedsLimit, UpperLayerMeter
+from mriqa_node.dicom.limits import PduReader, PeerExceedsLimit
 from mriqa_node.phantom import synth_series
 from tests.fuzz import mutate_request, recorded_request
 from tests.peers import wait_for
@@ -30,41 +31,46 @@ def pdv(data: bytes, dataset: bool = True, last: bool = False) -> bytes:
     return struct.pack(">LBB", len(data) + 2, 1, control) + data
 
 
-def test_the_meter_counts_dataset_fragments_per_message_in_any_chunking() -> None:
-    stream = (
-        pdu(1, b"x" * 100)  # an association request: not data
-        + pdu(4, pdv(b"c" * 50, dataset=False, last=True) + pdv(b"d" * 600))
-        + pdu(4, pdv(b"d" * 400, last=True))  # 1,000 dataset bytes: the limit, not more
-        + pdu(4, pdv(b"d" * 900, last=True))
-    )  # the next message starts from zero
-    for chunk in (1, 5, 4096):
-        meter = UpperLayerMeter(max_pdu_bytes=2000, max_dataset_bytes=1000)
-        for i in range(0, len(stream), chunk):
-            meter.feed(stream[i : i + chunk])
-        assert meter.dataset_bytes == 0
-    too_much = pdu(4, pdv(b"d" * 600)) + pdu(4, pdv(b"d" * 401, last=True))
-    for chunk in (5, 64, len(too_much)):  # small reads take the meter's short cut
-        over = UpperLayerMeter(max_pdu_bytes=2000, max_dataset_bytes=1000)
-        with pytest.raises(PeerExceedsLimit, match="dataset of more than 1,000 bytes"):
-            for i in range(0, len(too_much), chunk):
-                over.feed(too_much[i : i + chunk])
-        assert len(too_much) - i <= chunk + 1  # raised at the byte past the limit, not later
-    with pytest.raises(PeerExceedsLimit, match="declares 4,294,967,295 bytes"):
-        UpperLayerMeter(2000, 1000).feed(b"\x01\x00\xff\xff\xff\xff")  # the header is enough
+def test_the_reader_refuses_a_pdu_larger_than_the_limit_after_its_header() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        reader = PduReader(a, max_pdu_bytes=2000)
+        b.sendall(pdu(4, pdv(b"d" * 1000, last=True)) + b"\x01\x00\xff\xff\xff\xff")
+        pdu_type, body = reader.read()
+        assert pdu_type == 4 and len(body) == 1006 and bytes(body[6:]) == b"d" * 1000
+        with pytest.raises(PeerExceedsLimit, match="declares 4,294,967,295 bytes"):
+            reader.read()  # the header is enough: nothing of the body is waited for
+        b.close()
+        assert PduReader(a, 2000).read() is None  # closed between PDUs: the end, no error
 
 
-def test_the_meter_drops_a_pdu_that_trickles_in_and_not_one_that_flows() -> None:
-    meter = UpperLayerMeter(2**20, 2**20, patience_seconds=10)
-    request = pdu(1, b"r" * 400)
-    for t in range(11):  # one byte a second: let be for ten seconds
-        meter.feed(request[t : t + 1], now=1000.0 + t)
-    with pytest.raises(PeerExceedsLimit, match="a PDU trickles in: 6 bytes in 11 s"):
-        meter.feed(request[11:12], now=1011.0)
-    flowing = UpperLayerMeter(2**20, 2**20, patience_seconds=10)
-    big = pdu(4, pdv(b"d" * 300_000, last=True))  # 300 kB in 30 s: 10 kB/s is enough
-    for k in range(30):
-        flowing.feed(big[k * 10_000 : (k + 1) * 10_000], now=2000.0 + k)
-    flowing.feed(big[300_000:], now=2030.0)
+def test_the_reader_drops_a_pdu_that_trickles_in_and_not_one_that_flows() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(5)
+        request = pdu(1, b"r" * 400)
+
+        def trickle(sender: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                for k in range(30):  # one byte every 50 ms
+                    sender.sendall(request[k : k + 1])
+                    time.sleep(0.05)
+
+        threading.Thread(target=trickle, args=(b,), daemon=True).start()
+        with pytest.raises(PeerExceedsLimit, match=r"a PDU trickles in: \d+ bytes in 1 s"):
+            PduReader(a, 2**20, patience_seconds=0.6).read()
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(5)
+        big = pdu(4, pdv(b"d" * 300_000, last=True))
+
+        def flow(sender: socket.socket) -> None:
+            for k in range(0, len(big), 10_000):  # 300 kB in about 1.5 s
+                sender.sendall(big[k : k + 10_000])
+                time.sleep(0.05)
+
+        threading.Thread(target=flow, args=(b,), daemon=True).start()
+        assert len(PduReader(a, 2**20, patience_seconds=0.6).read()[1]) == 300_006
 
 
 def _closed_by_node(sock: socket.socket, payload: bytes, within: float) -> float:

@@ -10,6 +10,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 from pynetdicom import AE, Association, evt
 
@@ -54,6 +55,24 @@ def open_association(ae: AE, host: str, port: int, called_aet: str,
                         evt_handlers=NO_DELAY)  # fmt: skip
 
 
+def keep_responses(assoc: Association) -> None:
+    """Hand a response the association's reactor thread took back to the request waiting for
+    it. pynetdicom pauses that thread while a send_* waits, but the pause can be stale: a
+    response that comes back within the thread's wake-up (a fast peer, such as this node's
+    own receiver, refusing an instance at once) is taken by it, logged as "Received unexpected
+    ... service message" and dropped, and the send waits for its DIMSE timeout
+    (pydicom/pynetdicom#875). Only this association's method is replaced."""
+    serve_request = assoc._serve_request
+
+    def serve_or_return(msg: Any, context_id: int) -> None:
+        if msg.is_valid_request:
+            serve_request(msg, context_id)
+        else:
+            assoc.dimse.msg_queue.put((context_id, msg))
+
+    assoc._serve_request = serve_or_return  # type: ignore[method-assign]
+
+
 @contextlib.contextmanager
 def association(ae: AE, host: str, port: int, called_aet: str,
                 tls: ssl.SSLContext | None = None) -> Iterator[Association]:  # fmt: skip
@@ -62,6 +81,7 @@ def association(ae: AE, host: str, port: int, called_aet: str,
     assoc = open_association(ae, host, port, called_aet, tls)
     if not assoc.is_established:
         raise NotAssociated(assoc)
+    keep_responses(assoc)
     try:
         yield assoc
     except BaseException:

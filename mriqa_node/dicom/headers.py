@@ -22,11 +22,12 @@ class InvalidInstance(ValueError):
     """The dataset cannot be accepted; str(exc) says why (logged, never with patient data)."""
 
 
-def read_header(stream: bytes, transfer_syntax_uid: str,
-                decode: Callable[[], Dataset]) -> InstanceHeader:  # fmt: skip
-    """The header of a received data set: from one scan of its bytes where that is sure
-    (dicom/scan.py), else from ``decode()`` (pydicom), which also says what is wrong."""
-    scanned = scan_header(stream, transfer_syntax_uid)
+def read_header(stream: bytes, transfer_syntax_uid: str, decode: Callable[[], Dataset],
+                start: int = 0) -> InstanceHeader:  # fmt: skip
+    """The header of a received data set (``stream[start:]``): from one scan of its bytes
+    where that is sure (dicom/scan.py), else from ``decode()`` (pydicom), which also says what
+    is wrong."""
+    scanned = scan_header(stream, transfer_syntax_uid, start)
     if scanned is None:
         return parse_header(decode(), transfer_syntax_uid)
     return header_from(scanned, transfer_syntax_uid)

@@ -77,15 +77,16 @@ class GiveUp(Exception):
     """The stream is not one this scan is sure of; decode it with pydicom instead."""
 
 
-def scan_header(stream: bytes, transfer_syntax_uid: str) -> dict[Any, Any] | None:
-    """The wanted elements of a little-endian data set as pydicom would convert them (keyword
-    or private tag -> value), or None when pydicom should decode it instead."""
+def scan_header(stream: bytes, transfer_syntax_uid: str, start: int = 0) -> dict[Any, Any] | None:
+    """The wanted elements of a little-endian data set (``stream[start:]``) as pydicom would
+    convert them (keyword or private tag -> value), or None when pydicom should decode it
+    instead."""
     if transfer_syntax_uid in (BIG_ENDIAN, DEFLATED):
         return None
     explicit = transfer_syntax_uid != IMPLICIT_VR_LE
     raw: dict[int, tuple[bytes, bytes]] = {}
     try:
-        end = _walk(stream, 0, len(stream), explicit, raw, top=True)
+        end = _walk(stream, start, len(stream), explicit, raw, top=True)
         if end != len(stream) or not raw:
             return None
         return _convert(raw)

@@ -1,9 +1,15 @@
-"""The DICOM receiver: pynetdicom handlers bound to events, around the intake service.
+"""The DICOM receiver: associations, C-ECHO and C-STORE, around the intake service.
+
+Each connection is served in a thread of its own that reads whole PDUs straight from the
+socket (dicom/limits.py), assembles each C-STORE's data set behind the file meta it will be
+kept with, and hands it to the intake service in the same thread; the upper layer is
+dicom/upper.py. There is no polling loop: a thread sleeps in ``recv`` until its peer sends.
 
 Success is answered only after the instance is durable: its spool file written and its record
 synced in the receive journal (services/receiving.py); its row follows within milliseconds.
 Status codes (PS3.4 B.2.3): 0xA700 out of resources (the scanner retries later), 0xA900 data
-set does not match SOP class, 0xC210 cannot understand, 0xC211 unexpected error.
+set does not match SOP class, 0xC210 cannot understand, 0xC211 unexpected error; 0x0122 SOP
+class not supported (PS3.7 C.4).
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import socket
 import ssl
 import threading
 import time
-from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass, field
+from io import BytesIO
 
+import pydicom
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -32,21 +39,20 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.pdu_primitives import A_RELEASE
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from mriqa_node.config import DicomConfig
+from mriqa_node.dicom import upper
 from mriqa_node.dicom.headers import STORAGE_SOP_CLASSES, InvalidInstance, read_header
-from mriqa_node.dicom.limits import metered, metered_socket_classes
+from mriqa_node.dicom.limits import PduReader, PeerExceedsLimit
 from mriqa_node.dicom.part10 import file_prefix
+from mriqa_node.dicom.upper import AssociateRequest, Command, ProtocolError
 from mriqa_node.services.receiving import JournaledIntake
 from mriqa_node.spool import SpoolError
 
 log = logging.getLogger(__name__)
 
+VERIFICATION = "1.2.840.10008.1.1"
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -62,84 +68,62 @@ TRANSFER_SYNTAXES = [
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
 ]
+SUPPORTED = {VERIFICATION: frozenset(TRANSFER_SYNTAXES[:3])} | {
+    sop_class: frozenset(TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES
+}
 
 IDLE_EVICTABLE = 1.0  # seconds after accept; a real peer sends its request within milliseconds
-IDLE_POLL = 0.001  # pynetdicom's own sleep in its network loop, for an association gone quiet
-QUIET_SECONDS = 1.0  # without a C-STORE, after which an association sleeps IDLE_POLL again
+ACCEPT_POLL = 0.5  # seconds; how soon the listening thread notices a stop
 RELEASE_WAIT_SECONDS = 10.0  # at most, for rows before the release response (kept anyway)
+STOP_WAIT_SECONDS = 10.0  # at most, for the connections' threads at stop
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 UNEXPECTED_ERROR = 0xC211
 
 
+@dataclass(eq=False)
+class Connection:
+    """One accepted connection: its slot, and whether it has associated yet."""
+
+    sock: socket.socket
+    ip: str
+    accepted_at: float = field(default_factory=time.monotonic)
+    associated: bool = False
+    thread: threading.Thread | None = None
+
+
 class StoreSCP:
-    """Binds the intake service to a pynetdicom acceptor."""
+    """Accepts connections on the node's DICOM port and serves each in its own thread."""
 
     def __init__(self, config: DicomConfig, receiving: JournaledIntake) -> None:
         self.config = config
         self.reuse_port = config.receivers > 1  # other receiver processes share the port
         self.receiving = receiving
-        self._series_by_assoc: dict[int, set[str]] = defaultdict(set)
-        # Sockets open per peer address, taken at accept and pruned once closed. Not counted
-        # by events: a malformed request can kill pynetdicom's reactor thread (InvalidEventError
-        # in its state machine), and then no connection-closed event ever comes.
-        self._open_by_peer: dict[str, list[socket.socket]] = {}
-        self._accepted_at: dict[int, float] = {}  # id(socket) -> when it was accepted
-        self._peer_lock = threading.Lock()
-        self.server: ThreadedAssociationServer | None = None
-        self._busy_poll = config.busy_poll_ms / 1000
-        self._last_store: dict[int, tuple[Any, float]] = {}  # id(assoc) -> (assoc, when)
+        self.max_dataset = config.max_instance_mb * 2**20
+        # The largest PDU read: what we announce (0 announces no limit), or a data set's worth.
+        self.max_pdu = max(config.max_pdu, 2**20) if config.max_pdu else self.max_dataset + 2**20
+        self.ssl_context = _ssl_context(config)
+        self._listener: socket.socket | None = None
+        self._open: list[Connection] = []
+        self._lock = threading.Lock()
         self._stopping = threading.Event()
-        max_dataset = config.max_instance_mb * 2**20
-        max_pdu = max(config.max_pdu, 2**20) if config.max_pdu else max_dataset + 2**20
-        self._socket_class, self._ssl_socket_class = metered_socket_classes(
-            max_pdu, max_dataset, config.network_timeout_seconds
-        )
+        self._accepting: threading.Thread | None = None
 
-    def make_ae(self) -> AE:
-        ae = AE(ae_title=self.config.ae_title)
-        ae.maximum_pdu_size = self.config.max_pdu
-        # The node enforces max_associations at accept (making room by closing connections
-        # that never asked to associate); pynetdicom's own check, at the request, would count
-        # those silent connections too and refuse a scanner while they wait to time out.
-        ae.maximum_associations = 2 * self.config.max_associations
-        ae.acse_timeout = self.config.acse_timeout_seconds  # also the wait for the request
-        ae.network_timeout = self.config.network_timeout_seconds
-        ae.require_calling_aet = list(self.config.allowed_calling_aets)
-        ae.add_supported_context(Verification)
-        for sop_class in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        return ae
-
-    def start(self) -> ThreadedAssociationServer:
-        ae = self.make_ae()
-        handlers = [
-            (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_RELEASED, self.handle_released),
-            (evt.EVT_CONN_CLOSE, self.handle_closed),
-            (evt.EVT_ACCEPTED, self.handle_accepted),
-            (evt.EVT_REJECTED, self.handle_rejected),
-            (evt.EVT_ACSE_RECV, self.handle_acse_received),
-        ]
-        server = ae.make_server(
-            (self.config.host, self.config.port),
-            evt_handlers=handlers,
-            ssl_context=self._ssl_context(),
-            server_class=SharedPortServer if self.reuse_port else ThreadedAssociationServer,
-        )
-        # What ae.start_server(block=False) does, which has no server_class of its own.
-        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
-        ae._servers.append(server)  # server.shutdown() takes itself off this list
-        # socketserver calls these for every accepted connection: accept (and wrap for TLS)
-        # in the listening thread, check the peer there, then serve it in a thread of its own.
-        server.get_request = self._accept  # type: ignore[method-assign]
-        server.verify_request = self._verify_connection  # type: ignore[method-assign]
-        self._serve = server.process_request_thread
-        server.process_request_thread = self._serve_connection  # type: ignore[method-assign]
-        self.server = server
-        if self._busy_poll < IDLE_POLL:
-            threading.Thread(target=self._relax_quiet, name="dicom-poll", daemon=True).start()
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((self.config.host, self.config.port))
+        listener.listen(128)
+        listener.settimeout(ACCEPT_POLL)
+        self._listener = listener
+        self._accepting = threading.Thread(target=self._accept_loop, name="dicom-acceptor",
+                                           daemon=True)  # fmt: skip
+        self._accepting.start()
         log.info(
             "DICOM SCP %s listening on %s:%d%s; allowed callers: %s",
             self.config.ae_title,
@@ -148,229 +132,358 @@ class StoreSCP:
             " (TLS)" if self.config.tls else "",
             ", ".join(self.config.allowed_calling_aets) or "(none)",
         )
-        return server
 
     def stop(self) -> None:
+        """Stop listening, abort the associations still open, and wait (bounded) for their
+        threads: an instance being stored is then either acknowledged or not, never midway."""
         self._stopping.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        if self._accepting is not None:
+            self._accepting.join(timeout=2 * ACCEPT_POLL + 1)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            open_now = list(self._open)
+        for conn in open_now:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)  # its thread's recv returns at once
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        for conn in open_now:
+            if conn.thread is not None:
+                conn.thread.join(timeout=max(deadline - time.monotonic(), 0))
 
-    def _accept(self) -> tuple[socket.socket, Any]:
-        """Accept without the TLS handshake, which pynetdicom does here, in the listening
-        thread: one client that connects and stays silent would stop every other one."""
-        assert self.server is not None and self.server.socket is not None
-        sock, address = self.server.socket.accept()
-        context = self.server.ssl_context
-        if context is None:
-            return metered(sock, self._socket_class), address
-        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+    def open_connections(self, ip: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._open if c.ip == ip)
 
-    def _serve_connection(self, request: Any, client_address: Any) -> None:
-        """In the connection's own thread: bound every read (a peer that stops halfway
-        through a PDU would otherwise hold its thread and slot for good), then shake hands."""
-        ip = _ip(client_address)
-        try:
-            request.settimeout(self.config.acse_timeout_seconds)
-            if isinstance(request, ssl.SSLSocket):
-                request.do_handshake()
-            request.settimeout(self.config.network_timeout_seconds)
-        except OSError as exc:
-            log.warning("refused TLS connection from %s: %s", ip, _short(exc) or "timed out")
-            assert self.server is not None
-            self.server.shutdown_request(request)  # closed: its slot is free
-            return
-        self._serve(request, client_address)
+    # -- connections ------------------------------------------------------------------------
 
-    def _verify_connection(self, request: Any, client_address: Any) -> bool:
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:  # out of file descriptors, for one: try again shortly
+                if self._stopping.is_set():
+                    return
+                log.error("cannot accept a connection: %s", exc)
+                time.sleep(ACCEPT_POLL)
+                continue
+            conn = self._admit(sock, address[0])
+            if conn is None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                continue
+            conn.thread = threading.Thread(target=self._serve, args=(conn,),
+                                           name=f"dicom-{conn.ip}", daemon=True)  # fmt: skip
+            conn.thread.start()
+
+    def _admit(self, sock: socket.socket, ip: str) -> Connection | None:
+        """A slot for the connection, or None (logged) when it is refused."""
         # Nagle's algorithm stalls each C-STORE response ~40 ms against delayed ACKs.
-        sock = request if isinstance(request, socket.socket) else request[1]
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ip = _ip(client_address)
         if self.config.allowed_ips and ip not in self.config.allowed_ips:
             log.warning("refused connection from %s: address not allowed", ip)
-            return False
-        limit = self.config.max_associations_per_peer
-        with self._peer_lock:
-            from_peer = len(self._prune(ip))
-            if from_peer < limit:
-                if self._room_for_one():
-                    self._open_by_peer.setdefault(ip, []).append(sock)
-                    self._accepted_at[id(sock)] = time.monotonic()
-                    return True
-                most = self.config.max_associations
-                log.warning("refused connection from %s: %d connections open, none idle"
-                            " ([dicom] max_associations)", ip, most)  # fmt: skip
-                return False
-        log.warning(
-            "refused connection from %s: %d connections already open from it"
-            " ([dicom] max_associations_per_peer = %d)", ip, from_peer, limit,
-        )  # fmt: skip
-        return False
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.config.tls:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.config.tls_cert, self.config.tls_key or None)
-        context.sslsocket_class = self._ssl_socket_class  # decrypted bytes are metered
-        if self.config.tls_ca:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cafile=self.config.tls_ca)
-        return context
+        limit = self.config.max_associations_per_peer
+        with self._lock:
+            from_peer = sum(1 for c in self._open if c.ip == ip)
+            if from_peer >= limit:
+                log.warning(
+                    "refused connection from %s: %d connections already open from it"
+                    " ([dicom] max_associations_per_peer = %d)", ip, from_peer, limit,
+                )  # fmt: skip
+                return None
+            if not self._room_for_one():
+                log.warning("refused connection from %s: %d connections open, none idle"
+                            " ([dicom] max_associations)", ip, len(self._open))  # fmt: skip
+                return None
+            conn = Connection(sock, ip)
+            self._open.append(conn)
+            return conn
 
-    # -- event handlers ---------------------------------------------------------------------
+    def _room_for_one(self) -> bool:
+        """Below max_associations, or made so by closing the oldest connection that has not
+        associated within IDLE_EVICTABLE seconds (call with the lock held)."""
+        if len(self._open) < self.config.max_associations:
+            return True
+        now = time.monotonic()
+        idle = [c for c in self._open
+                if not c.associated and now - c.accepted_at > IDLE_EVICTABLE]  # fmt: skip
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.accepted_at)
+        log.warning("closing a connection from %s that never associated, to make room",
+                    oldest.ip)  # fmt: skip
+        with contextlib.suppress(OSError):
+            oldest.sock.shutdown(socket.SHUT_RDWR)  # its thread reads the end and closes it
+        self._open.remove(oldest)
+        return True
 
-    def handle_accepted(self, event: evt.Event) -> None:
-        self._busy(event.assoc)  # a scanner sends right after associating
-        log.info(
-            "association from %s (%s)",
-            event.assoc.requestor.ae_title,
-            event.assoc.requestor.address,
-        )
-
-    def handle_rejected(self, event: evt.Event) -> None:
-        log.warning(
-            "association from %s (%s) rejected: calling AE not allowed, no usable context, or"
-            " [dicom] max_associations reached",
-            event.assoc.requestor.ae_title,
-            event.assoc.requestor.address,
-        )
-
-    def handle_store(self, event: evt.Event) -> int:
-        calling = event.assoc.requestor.ae_title
-        request = event.request
+    def _serve(self, conn: Connection) -> None:
         try:
-            ts = event.context.transfer_syntax
-            stream = request.DataSet.getvalue()
-            header = read_header(stream, ts, lambda: event.dataset)
+            Association(self, conn).run()
+        except Exception:
+            log.exception("association from %s ended by an unexpected error", conn.ip)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+            with self._lock:
+                if conn in self._open:
+                    self._open.remove(conn)
+
+    # -- what the node does with a message ----------------------------------------------------
+
+    def check(self, request: AssociateRequest) -> tuple[int, int, int] | None:
+        """Why the association is rejected (result, source, reason), or None."""
+        if not request.protocol_version & 1:
+            return upper.PROTOCOL_VERSION_NOT_SUPPORTED
+        if request.application_context != upper.APPLICATION_CONTEXT:
+            return upper.APPLICATION_CONTEXT_NOT_SUPPORTED
+        allowed = [aet.strip() for aet in self.config.allowed_calling_aets]
+        if allowed and request.calling_ae not in allowed:
+            return upper.CALLING_AE_NOT_RECOGNISED
+        return None
+
+    def store(self, calling: str, command: Command, transfer_syntax: str, encoded: bytes,
+              prefix: int) -> tuple[int, str | None]:  # fmt: skip
+        """Keep one instance (``encoded[prefix:]`` is its data set): the C-STORE status, and
+        the series it belongs to once it is kept."""
+        try:
+            header = read_header(encoded, transfer_syntax, lambda: _decode(encoded), prefix)
         except InvalidInstance as exc:
             log.warning("refused instance from %s: %s", calling, exc)
-            return DATASET_MISMATCH
+            return DATASET_MISMATCH, None
         except Exception as exc:  # undecodable stream: pydicom raises many types here
             log.warning("refused instance from %s: cannot decode dataset: %s", calling, exc)
-            return CANNOT_UNDERSTAND
-        if header.sop_class_uid != request.AffectedSOPClassUID:
+            return CANNOT_UNDERSTAND, None
+        if header.sop_class_uid != command.sop_class_uid:
             log.warning(
                 "refused instance %s: SOP class %s differs from the request's %s",
                 header.sop_instance_uid,
                 header.sop_class_uid,
-                request.AffectedSOPClassUID,
+                command.sop_class_uid,
             )
-            return DATASET_MISMATCH
+            return DATASET_MISMATCH, None
         try:
-            prefix = file_prefix(request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, ts)
-            self.receiving.accept(header, prefix + stream, calling)
+            self.receiving.accept(header, encoded, calling)
         except (SpoolError, SQLAlchemyError) as exc:
             log.error(
                 "cannot keep instance %s, answering 0xA700 so the sender retries: %s",
                 header.sop_instance_uid,
                 _short(exc),
             )
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, None
         except Exception:
             log.exception("unexpected error storing instance %s", header.sop_instance_uid)
-            return UNEXPECTED_ERROR
-        self._series_by_assoc[id(event.assoc)].add(header.series_uid)
-        self._busy(event.assoc)
-        return 0x0000
+            return UNEXPECTED_ERROR, None
+        return SUCCESS, header.series_uid
 
-    def handle_acse_received(self, event: evt.Event) -> None:
+    def released(self, calling: str, series_uids: set[str]) -> None:
         """Before the release response: wait (bounded) until what the sender was told Success
-        for has its spool file and row, so a released association means 'in the database'."""
-        primitive = event.primitive
-        release_request = isinstance(primitive, A_RELEASE) and primitive.result is None
-        if release_request and not self.receiving.drain(RELEASE_WAIT_SECONDS):
+        for has its spool file and row, so a released association means 'in the database'.
+        A clean release also hints that the sender is done with its series (an abort does not)."""
+        if not self.receiving.drain(RELEASE_WAIT_SECONDS):
             log.warning("association from %s released before its instances have rows (they"
-                        " are kept in the receive journal; rows follow)",
-                        event.assoc.requestor.ae_title)  # fmt: skip
+                        " are kept in the receive journal; rows follow)", calling)  # fmt: skip
+        self.receiving.released(series_uids)
 
-    def handle_released(self, event: evt.Event) -> None:
-        """A clean release hints that the sender is done with its series (an abort does not)."""
-        self.receiving.released(self._series_by_assoc.pop(id(event.assoc), set()))
 
-    def handle_closed(self, event: evt.Event) -> None:
-        self._series_by_assoc.pop(id(event.assoc), None)
-        self._last_store.pop(id(event.assoc), None)
+class Association:
+    """One connection from its first byte to its close: negotiation, then messages."""
 
-    def _busy(self, assoc: Any) -> None:
-        """pynetdicom sleeps 1 ms in its network loop whenever it finds nothing to do, which
-        adds to every C-STORE's round trip; while a sender is busy, its association's loop
-        (an attribute of its own DUL, not the library's code) sleeps less."""
-        if self._busy_poll < IDLE_POLL:
-            assoc.dul._run_loop_delay = self._busy_poll
-            self._last_store[id(assoc)] = (assoc, time.monotonic())
+    def __init__(self, scp: StoreSCP, conn: Connection) -> None:
+        self.scp = scp
+        self.conn = conn
+        self.config = scp.config
+        self.sock: socket.socket = conn.sock
+        self.calling = ""
+        self.peer_max_pdu = 0
+        self.contexts: dict[int, tuple[str, str]] = {}  # accepted: ID -> (abstract, transfer)
+        self.series: set[str] = set()
+        # The message being received.
+        self.command_bytes = bytearray()
+        self.command: Command | None = None
+        self.context_id = 0
+        self.dataset = bytearray()
+        self.prefix = 0
 
-    def _relax_quiet(self) -> None:
-        while not self._stopping.wait(QUIET_SECONDS / 2):
-            now = time.monotonic()
-            for key, (assoc, when) in list(self._last_store.items()):
-                if now - when > QUIET_SECONDS:
-                    assoc.dul._run_loop_delay = IDLE_POLL
-                    self._last_store.pop(key, None)
+    def run(self) -> None:
+        ip = self.conn.ip
+        self.sock.settimeout(self.config.acse_timeout_seconds)  # also the wait for the request
+        if self.scp.ssl_context is not None:
+            try:
+                self.sock = self.conn.sock = self.scp.ssl_context.wrap_socket(
+                    self.sock, server_side=True
+                )
+            except OSError as exc:
+                log.warning("refused TLS connection from %s: %s", ip, _short(exc) or "timed out")
+                return
+        reader = PduReader(self.sock, self.scp.max_pdu, self.config.network_timeout_seconds)
+        try:
+            if not self._associate(reader):
+                return
+            self.sock.settimeout(self.config.network_timeout_seconds)
+            while (pdu := reader.read()) is not None:
+                pdu_type, body = pdu
+                if pdu_type == upper.P_DATA_TF:
+                    self._receive(body)
+                elif pdu_type == upper.RELEASE_RQ:
+                    self.scp.released(self.calling, self.series)
+                    self.sock.sendall(upper.encode_release_rp())
+                    log.info("association from %s (%s) released", self.calling, ip)
+                    return
+                elif pdu_type == upper.ABORT:
+                    log.info("association from %s (%s) aborted by the peer", self.calling, ip)
+                    return
+                else:
+                    raise ProtocolError(f"an unexpected PDU of type 0x{pdu_type:02X}")
+            log.info("connection from %s (%s) closed without a release", self.calling or "?", ip)
+        except PeerExceedsLimit as exc:
+            log.warning("closing connection from %s: %s", ip, exc)
+            self._abort(0)
+        except ProtocolError as exc:
+            log.warning("aborting association from %s (%s): %s", self.calling or "?", ip, exc)
+            self._abort(upper.INVALID_PARAMETER)
+        except TimeoutError:
+            log.warning("closing connection from %s: nothing received for %.0f s", ip,
+                        self.sock.gettimeout() or 0)  # fmt: skip
+            if self.conn.associated:  # before it, PS3.8 closes the connection without one
+                self._abort(0)
+        except (ConnectionError, OSError) as exc:
+            if not self.scp._stopping.is_set():
+                log.info("connection from %s lost: %s", ip, _short(exc))
 
-    def open_connections(self, ip: str) -> int:
-        with self._peer_lock:
-            return len(self._prune(ip))
-
-    def _prune(self, ip: str) -> list[socket.socket]:
-        """The peer's sockets still open (call with the lock held)."""
-        alive = []
-        for s in self._open_by_peer.get(ip, []):
-            if s.fileno() != -1:
-                alive.append(s)
-            else:
-                self._accepted_at.pop(id(s), None)
-        if alive:
-            self._open_by_peer[ip] = alive
-        else:
-            self._open_by_peer.pop(ip, None)
-        return alive
-
-    def _room_for_one(self) -> bool:
-        """Below max_associations, or made so by closing the oldest connection that has not
-        associated within IDLE_EVICTABLE seconds (call with the lock held)."""
-        open_now = [s for ip in list(self._open_by_peer) for s in self._prune(ip)]
-        if len(open_now) < self.config.max_associations:
-            return True
-        assert self.server is not None
-        established = {
-            id(a.dul.socket.socket)
-            for a in self.server.active_associations
-            if a.is_established and a.dul.socket is not None
-        }
-        now = time.monotonic()
-        idle = [s for s in open_now if id(s) not in established
-                and now - self._accepted_at.get(id(s), now) > IDLE_EVICTABLE]  # fmt: skip
-        if not idle:
+    def _associate(self, reader: PduReader) -> bool:
+        pdu = reader.read()
+        if pdu is None:
             return False
-        oldest = min(idle, key=lambda s: self._accepted_at.get(id(s), now))
-        with contextlib.suppress(OSError):
-            log.warning("closing a connection from %s that never associated, to make room",
-                        oldest.getpeername()[0])  # fmt: skip
-            oldest.shutdown(socket.SHUT_RDWR)  # pynetdicom reads the end and closes it
-        for socks in self._open_by_peer.values():
-            if oldest in socks:
-                socks.remove(oldest)
-                break
-        self._accepted_at.pop(id(oldest), None)
+        pdu_type, body = pdu
+        if pdu_type != upper.ASSOCIATE_RQ:
+            raise ProtocolError(f"a PDU of type 0x{pdu_type:02X} before an association request")
+        request = upper.parse_associate_rq(body)
+        self.calling = request.calling_ae
+        rejection = self.scp.check(request)
+        if rejection is not None:
+            log.warning("association from %s (%s) rejected: %s", request.calling_ae,
+                        self.conn.ip, _REJECTIONS[rejection])  # fmt: skip
+            self.sock.sendall(upper.encode_associate_rj(*rejection))
+            return False
+        results = {}
+        for context in request.contexts:
+            results[context.id] = result = _negotiate(context)
+            if result[0] == upper.ACCEPTANCE:
+                self.contexts[context.id] = (context.abstract_syntax, result[1])
+        self.peer_max_pdu = request.max_pdu
+        self.sock.sendall(upper.encode_associate_ac(request, results, self.config.max_pdu))
+        self.conn.associated = True
+        log.info("association from %s (%s), %d of %d presentation contexts accepted",
+                 request.calling_ae, self.conn.ip, len(self.contexts),
+                 len(request.contexts))  # fmt: skip
         return True
 
+    def _receive(self, body: memoryview) -> None:
+        """One P-DATA-TF: command and data set fragments, answered as each message completes."""
+        for cid, is_command, last, data in upper.iter_pdvs(body):
+            if cid not in self.contexts:
+                raise ProtocolError(f"a fragment on presentation context {cid}, not accepted")
+            if is_command:
+                if self.command is not None:
+                    raise ProtocolError("a command fragment where a data set was expected")
+                self.command_bytes += data
+                if len(self.command_bytes) > 2**16:
+                    raise ProtocolError("a command set of more than 64 KiB")
+                if last:
+                    self._command_complete(cid)
+            else:
+                if self.command is None or cid != self.context_id:
+                    raise ProtocolError("a data set fragment without its command")
+                self.dataset += data
+                if len(self.dataset) - self.prefix > self.scp.max_dataset:
+                    raise PeerExceedsLimit(f"a dataset of more than {self.scp.max_dataset:,}"
+                                           " bytes ([dicom] max_instance_mb)")  # fmt: skip
+                if last:
+                    self._dataset_complete()
 
-class SharedPortServer(ThreadedAssociationServer):
-    """Binds with SO_REUSEPORT: several receiver processes listen on one port."""
+    def _command_complete(self, cid: int) -> None:
+        command = upper.parse_command(self.command_bytes)
+        self.command_bytes = bytearray()
+        abstract, transfer = self.contexts[cid]
+        if command.kind == upper.C_ECHO_RQ and not command.has_dataset:
+            self._respond(cid, command, SUCCESS)
+        elif command.kind == upper.C_STORE_RQ and command.has_dataset:
+            self.command, self.context_id = command, cid
+            prefix = file_prefix(command.sop_class_uid, command.sop_instance_uid, transfer)
+            self.dataset, self.prefix = bytearray(prefix), len(prefix)
+        else:
+            raise ProtocolError(
+                f"a DIMSE command 0x{command.kind or 0:04X} on presentation"
+                f" context {cid} ({abstract}), which this node does not serve"
+            )
 
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    def _dataset_complete(self) -> None:
+        command, cid = self.command, self.context_id
+        assert command is not None
+        encoded, self.dataset, self.command = bytes(self.dataset), bytearray(), None
+        abstract, transfer = self.contexts[cid]
+        if command.sop_class_uid not in STORAGE_SOP_CLASSES or abstract != command.sop_class_uid:
+            log.warning("refused instance from %s: SOP class %s on a context for %s",
+                        self.calling, command.sop_class_uid, abstract)  # fmt: skip
+            status = SOP_CLASS_NOT_SUPPORTED
+        else:
+            status, series = self.scp.store(self.calling, command, transfer, encoded,
+                                            self.prefix)  # fmt: skip
+            if series is not None:
+                self.series.add(series)
+        self._respond(cid, command, status)
+
+    def _respond(self, cid: int, command: Command, status: int) -> None:
+        response = upper.encode_response(command, status)
+        self.sock.sendall(upper.encode_pdata(cid, True, response, self.peer_max_pdu))
+
+    def _abort(self, reason: int) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(upper.encode_abort(reason))
 
 
-def _ip(client_address: Any) -> str:
-    return client_address[0] if isinstance(client_address, tuple) else str(client_address)
+def _negotiate(context: upper.PresentationContext) -> tuple[int, str]:
+    """(result, transfer syntax): the requestor's first transfer syntax the node takes."""
+    supported = SUPPORTED.get(context.abstract_syntax)
+    if supported is None:
+        return upper.ABSTRACT_SYNTAX_NOT_SUPPORTED, context.transfer_syntaxes[0]
+    for transfer in context.transfer_syntaxes:
+        if transfer in supported:
+            return upper.ACCEPTANCE, transfer
+    return upper.TRANSFER_SYNTAXES_NOT_SUPPORTED, context.transfer_syntaxes[0]
+
+
+_REJECTIONS = {
+    upper.CALLING_AE_NOT_RECOGNISED: "calling AE title not allowed ([dicom] allowed_calling_aets)",
+    upper.APPLICATION_CONTEXT_NOT_SUPPORTED: "application context not supported",
+    upper.PROTOCOL_VERSION_NOT_SUPPORTED: "protocol version not supported",
+}
+
+
+def _decode(encoded: bytes) -> pydicom.Dataset:
+    """pydicom's decode of a received instance, for what the header scan is not sure of."""
+    return pydicom.dcmread(BytesIO(encoded), force=True)
+
+
+def _ssl_context(config: DicomConfig) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key or None)
+    if config.tls_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=config.tls_ca)
+    return context
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:300]
+    return (str(exc).splitlines() or [""])[0][:300]
