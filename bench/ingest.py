@@ -150,6 +150,7 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
     from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
 
     from mriqa_node.config import load_config
+    from mriqa_node.dicom import upper
     from mriqa_node.dicom.headers import parse_header, read_header
     from mriqa_node.dicom.part10 import file_prefix
     from mriqa_node.journal import Journal
@@ -179,6 +180,18 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         rows.append([label, f"{1000 * wall / len(items):.2f}", f"{1000 * cpu / len(items):.2f}"])
         return out
 
+    def assemble(pdus: bytes) -> bytes:
+        """What the receiver does with one data set's P-DATA PDUs, minus the socket reads:
+        split the PDVs, append each behind the file meta."""
+        dataset, i = bytearray(file_prefix(*sops[0], ts)), 0
+        view = memoryview(pdus)
+        while i < len(view):
+            length = upper.PDU_HEADER.unpack_from(view, i)[1]
+            for _, _, _, data in upper.iter_pdvs(view[i + 6 : i + 6 + length]):
+                dataset += data
+            i += 6 + length
+        return bytes(dataset)
+
     timed("read_header: one scan of the bytes (the handler's path)",
           lambda b: read_header(b, ts, None), received)  # fmt: skip
     decoded = timed(
@@ -193,6 +206,9 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         lambda i: file_prefix(*sops[i], ts) + received[i],
         range(len(sops)),
     )
+    streams = [upper.encode_pdata(1, False, raw, 16384) for raw in received]  # storescu's PDUs
+    timed("the receiver's 16 KiB PDUs -> file meta + data set (socket reads aside)",
+          assemble, streams)  # fmt: skip
     timed(
         "  pynetdicom instead: create_file_meta + encode_file_meta",
         lambda c: encode_file_meta(create_file_meta(sop_class_uid=c[0], sop_instance_uid=c[1],
