@@ -15,7 +15,9 @@ start to exit: association, 300 C-STOREs, release), the same for every receiver.
 --associations N, N storescu processes (calling AEs SCANNER1..N) each send a contiguous 1/N
 of the same files at once; the time runs from the first start to the last exit. The node's
 release response waits until its instances have rows, so the node's time includes its
-database. Run: .venv/bin/python bench/ingest.py [--help]
+database. "CPU ms/inst" is the receiver's own processes' CPU time (user + system, its child
+processes included; a PostgreSQL server's not) over the timed part, per instance: a figure
+other load on the machine hardly moves. Run: .venv/bin/python bench/ingest.py [--help]
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def count_node_instances(db_url: str) -> int:
 
 
 def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1,
-            node: dict[str, object] | None = None, warm: Sequence[Path] = ()) -> float:  # fmt: skip
+            node: dict[str, object] | None = None,
+            warm: Sequence[Path] = ()) -> tuple[float, float]:  # fmt: skip
     """Start a fresh receiver, send the ``warm`` files (untimed), then every file (timed),
-    check, stop; seconds."""
+    check, stop; seconds, and the receiver's CPU seconds meanwhile."""
 
     def send_files(port: int, aet: str, batch: Sequence[Path]) -> float:
         if associations == 1:
@@ -87,12 +90,16 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
             ],
         )
 
-    def send(port: int, aet: str) -> float:
+    def send(port: int, aet: str, pid: int) -> float:
         if warm:  # steady state: a node's journal segments recycled, caches filled
             send_files(port, aet, warm)
             os.sync()
-        return send_files(port, aet, files)
+        before = tree_cpu_seconds(pid)
+        elapsed = send_files(port, aet, files)
+        cpu.append(tree_cpu_seconds(pid) - before)
+        return elapsed
 
+    cpu: list[float] = []
     dicom = {k: v for k, v in (node or {}).items() if v is not None}
     if target in ("node-sqlite", "node-sqlite-nofsync"):
         db_url = f"sqlite:///{workdir / 'mriqa.db'}"
@@ -100,7 +107,7 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
         with NodeServer(workdir, db_url, worker={"enabled": False}, storage=storage,
                         dicom=dicom) as server:  # fmt: skip
             server.start()
-            elapsed = send(server.port, "MRIQA")
+            elapsed = send(server.port, "MRIQA", server.proc.pid)
             kept = count_node_instances(db_url)
     elif target == "node-pg":
         with (
@@ -108,30 +115,45 @@ def one_run(target: str, files: list[Path], workdir: Path, associations: int = 1
             NodeServer(workdir, pg.url, worker={"enabled": False}, dicom=dicom) as server,
         ):
             server.start()
-            elapsed = send(server.port, "MRIQA")
+            elapsed = send(server.port, "MRIQA", server.proc.pid)
             kept = count_node_instances(pg.url)
     elif target == "storescp":
         with StoreSCPServer(workdir) as scp:
             scp.start()
-            elapsed = send(scp.port, scp.aet)
+            elapsed = send(scp.port, scp.aet, scp.proc.pid)
             kept = sum(1 for p in (workdir / "out").iterdir() if p.is_file())
     elif target == "orthanc":
         with OrthancServer(workdir) as orthanc:
             orthanc.start()
-            elapsed = send(orthanc.port, orthanc.aet)
+            elapsed = send(orthanc.port, orthanc.aet, orthanc.proc.pid)
             kept = orthanc.instance_count()
     elif target in ("pynetdicom", "pynetdicom-poll0.1", "pynetdicom-receivers"):
         poll = 0.1 if target == "pynetdicom-poll0.1" else None
         processes = int(dicom.get("receivers", 1)) if target == "pynetdicom-receivers" else 1
         with BarePynetdicomServer(workdir, poll, processes) as bare:
             bare.start()
-            elapsed = send(bare.port, bare.aet)
+            elapsed = send(bare.port, bare.aet, bare.proc.pid)
             kept = len(files) + len(warm)  # keeps nothing by design
     else:
         raise ValueError(target)
     if kept != len(files) + len(warm):
         raise BenchError(f"{target}: {kept} of {len(files) + len(warm)} instances kept")
-    return elapsed
+    return elapsed, cpu[0]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (a node's receiver processes), from
+    /proc; a figure that other load on the machine hardly moves, unlike the rate."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pids, total = [pid], 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in task.read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def breakdown(root: Path, n_instances: int = 60) -> None:
@@ -180,17 +202,19 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         rows.append([label, f"{1000 * wall / len(items):.2f}", f"{1000 * cpu / len(items):.2f}"])
         return out
 
+    buffer = upper.MessageBuffer()
+
     def assemble(pdus: bytes) -> bytes:
         """What the receiver does with one data set's P-DATA PDUs, minus the socket reads:
-        split the PDVs, append each behind the file meta."""
-        dataset, i = bytearray(file_prefix(*sops[0], ts)), 0
-        view = memoryview(pdus)
+        split the PDVs, append each behind the file meta (dicom/scp.py, Association)."""
+        buffer.start(file_prefix(*sops[0], ts))
+        view, i = memoryview(pdus), 0
         while i < len(view):
             length = upper.PDU_HEADER.unpack_from(view, i)[1]
             for _, _, _, data in upper.iter_pdvs(view[i + 6 : i + 6 + length]):
-                dataset += data
+                buffer.add(data)
             i += 6 + length
-        return bytes(dataset)
+        return buffer.take()
 
     timed("read_header: one scan of the bytes (the handler's path)",
           lambda b: read_header(b, ts, None), received)  # fmt: skip
@@ -332,15 +356,17 @@ def main() -> int:
         print(f"# machine: {machine_line()}")
 
         times: dict[str, list[float]] = {t: [] for t in targets}
+        cpus: dict[str, list[float]] = {t: [] for t in targets}
         for rep in range(args.repeat):
             for target in targets:  # interleaved, so drift hits every receiver alike
                 workdir = root / f"{target}-{rep}"
                 # Flush the previous run's dirty pages: its writeback would slow this run's fsyncs.
                 os.sync()
                 node = {"receivers": args.receivers}
-                elapsed = one_run(target, files, workdir, args.associations, node, warm)
+                elapsed, cpu = one_run(target, files, workdir, args.associations, node, warm)
                 shutil.rmtree(workdir, ignore_errors=True)
                 times[target].append(elapsed)
+                cpus[target].append(cpu)
                 print(
                     f"  run {rep + 1}/{args.repeat} {target:<20} {elapsed:6.2f} s"
                     f"  {len(files) / elapsed:7.1f} inst/s",
@@ -353,10 +379,13 @@ def main() -> int:
     for target in targets:
         rate = rates[target]
         runs = " ".join(f"{len(files) / v:.0f}" for v in times[target])
+        cpu_ms = 1000 * median(cpus[target]) / len(files)
         rows.append([target, f"{rate:.0f}", runs, f"{rate / orthanc:.2f}x" if orthanc else "-",
-                     f"{rate / bare:.2f}x" if bare else "-", _note(target)])  # fmt: skip
+                     f"{rate / bare:.2f}x" if bare else "-", f"{cpu_ms:.2f}",
+                     _note(target)])  # fmt: skip
     print()
-    headers = ["receiver", "median inst/s", "runs (inst/s)", "vs Orthanc", "vs pynetdicom", "keeps"]
+    headers = ["receiver", "median inst/s", "runs (inst/s)", "vs Orthanc", "vs pynetdicom",
+               "CPU ms/inst", "keeps"]  # fmt: skip
     print(table(headers, rows))
     # The targets of the ingest issue: one association >= 0.9x bare pynetdicom, several at
     # once >= 1.0x Orthanc.

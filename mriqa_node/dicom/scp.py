@@ -309,7 +309,7 @@ class Association:
         self.command_bytes = bytearray()
         self.command: Command | None = None
         self.context_id = 0
-        self.dataset = bytearray()
+        self.dataset = upper.MessageBuffer()
         self.prefix = 0
 
     def run(self) -> None:
@@ -402,8 +402,8 @@ class Association:
             else:
                 if self.command is None or cid != self.context_id:
                     raise ProtocolError("a data set fragment without its command")
-                self.dataset += data
-                if len(self.dataset) - self.prefix > self.scp.max_dataset:
+                self.dataset.add(data)
+                if self.dataset.size - self.prefix > self.scp.max_dataset:
                     raise PeerExceedsLimit(f"a dataset of more than {self.scp.max_dataset:,}"
                                            " bytes ([dicom] max_instance_mb)")  # fmt: skip
                 if last:
@@ -418,7 +418,8 @@ class Association:
         elif command.kind == upper.C_STORE_RQ and command.has_dataset:
             self.command, self.context_id = command, cid
             prefix = file_prefix(command.sop_class_uid, command.sop_instance_uid, transfer)
-            self.dataset, self.prefix = bytearray(prefix), len(prefix)
+            self.dataset.start(prefix)
+            self.prefix = len(prefix)
         else:
             raise ProtocolError(
                 f"a DIMSE command 0x{command.kind or 0:04X} on presentation"
@@ -428,7 +429,7 @@ class Association:
     def _dataset_complete(self) -> None:
         command, cid = self.command, self.context_id
         assert command is not None
-        encoded, self.dataset, self.command = bytes(self.dataset), bytearray(), None
+        encoded, self.command = self.dataset.take(), None
         abstract, transfer = self.contexts[cid]
         if command.sop_class_uid not in STORAGE_SOP_CLASSES or abstract != command.sop_class_uid:
             log.warning("refused instance from %s: SOP class %s on a context for %s",

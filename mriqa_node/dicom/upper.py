@@ -215,6 +215,37 @@ def iter_pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
         i += 4 + length
 
 
+class MessageBuffer:
+    """A message's data set, assembled fragment by fragment behind a prefix in one buffer that
+    is kept for the connection's next message: a fresh, growing buffer per instance costs
+    its reallocations and page faults again each time (about 0.3 ms per 512 KiB here)."""
+
+    KEEP_BYTES = 8 * 2**20  # a larger buffer is let go after its message
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(2**20)
+        self.size = 0  # bytes held, prefix included
+
+    def start(self, prefix: bytes) -> None:
+        if len(self._buffer) > self.KEEP_BYTES:
+            self._buffer = bytearray(2**20)
+        self.size = 0
+        self.add(prefix)
+
+    def add(self, data: bytes | memoryview) -> None:
+        end = self.size + len(data)
+        if end > len(self._buffer):
+            self._buffer += bytes(max(end, 2 * len(self._buffer)) - len(self._buffer))
+        self._buffer[self.size : end] = data
+        self.size = end
+
+    def take(self) -> bytes:
+        """The message's bytes (a copy); the buffer is then free for the next one."""
+        data = bytes(memoryview(self._buffer)[: self.size])
+        self.size = 0
+        return data
+
+
 def encode_pdata(cid: int, command: bool, data: bytes, max_pdu: int) -> bytes:
     """``data`` as one or more P-DATA-TF PDUs of at most ``max_pdu`` bytes (0: one)."""
     step = max(max_pdu - 12, 2) if max_pdu else max(len(data), 1)  # PDU + PDV headers

@@ -11,7 +11,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import (
@@ -34,6 +34,22 @@ from mriqa_node.services.alerts import open_alert
 
 log = logging.getLogger(__name__)
 UNFINISHED = (InstanceState.pending, InstanceState.claimed)
+# The monitor's two questions, asked ten times a second: built once (building a statement
+# costs more than running it), run on the connection (the ORM's result handling is not needed).
+_QUIET = select(
+    Series.id,
+    Series.series_uid,
+    Series.expected_slices,
+    Series.received_slices,
+    Series.last_received_at,
+    Series.released_at,
+).where(Series.state == SeriesState.receiving, Series.last_received_at <= bindparam("since"))
+_READY = select(Series.id).where(
+    Series.state == SeriesState.complete,
+    ~select(Instance.id)
+    .where(Instance.series_id == Series.id, Instance.state.in_(UNFINISHED))
+    .exists(),
+)  # complete series with nothing left to score
 
 
 class SeriesService:
@@ -59,18 +75,7 @@ class SeriesService:
             seconds=min(self.rule.idle_seconds, self.rule.release_grace_seconds)
         )
         with self.reads() as session:  # no write lock unless something is due
-            due = session.execute(
-                select(
-                    Series.id,
-                    Series.series_uid,
-                    Series.expected_slices,
-                    Series.received_slices,
-                    Series.last_received_at,
-                    Series.released_at,
-                ).where(
-                    Series.state == SeriesState.receiving, Series.last_received_at <= quiet_since
-                )
-            ).all()
+            due = session.connection().execute(_QUIET, {"since": quiet_since}).all()
         complete = [row for row in due if self.rule.is_complete(*row[2:], now)]
         if complete:
             with self.sessions.begin() as session:
@@ -78,15 +83,8 @@ class SeriesService:
                     quiet = (now - last).total_seconds()
                     why = f"quiet {quiet:.1f} s" + (" after release" if released else "")
                     mark_complete(session, sid, uid, now, why)
-        unfinished = (
-            select(Instance.id)
-            .where(Instance.series_id == Series.id, Instance.state.in_(UNFINISHED))
-            .exists()
-        )
-        with self.reads() as session:  # only complete series with nothing left to score
-            ready = session.scalars(
-                select(Series.id).where(Series.state == SeriesState.complete, ~unfinished)
-            ).all()
+        with self.reads() as session:
+            ready = session.connection().execute(_READY).scalars().all()
         return [uid for sid in ready if (uid := self.try_decide(sid))]
 
     def try_decide(self, series_id: int) -> str | None:
