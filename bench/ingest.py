@@ -230,8 +230,9 @@ def breakdown(root: Path, n_instances: int = 60) -> None:
         lambda i: file_prefix(*sops[i], ts) + received[i],
         range(len(sops)),
     )
-    streams = [upper.encode_pdata(1, False, raw, 16384) for raw in received]  # storescu's PDUs
-    timed("the receiver's 16 KiB PDUs -> file meta + data set (socket reads aside)",
+    # storescu sends 128 KiB PDUs to a receiver that announces no limit, as the node does
+    streams = [upper.encode_pdata(1, False, raw, 131072) for raw in received]
+    timed("the receiver's 128 KiB PDUs -> file meta + data set (socket reads aside)",
           assemble, streams)  # fmt: skip
     timed(
         "  pynetdicom instead: create_file_meta + encode_file_meta",
