@@ -9,6 +9,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,28 @@ def test_the_reader_refuses_a_pdu_larger_than_the_limit_after_its_header() -> No
             reader.read()  # the header is enough: nothing of the body is waited for
         b.close()
         assert PduReader(a, 2000).read() is None  # closed between PDUs: the end, no error
+
+
+def test_the_reader_holds_what_a_peer_sends_not_what_it_declares() -> None:
+    """A header declaring 512 MiB (within the limit) and ten bytes: a few MiB held, not 512."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"\x04\x00" + struct.pack(">L", 512 * 2**20) + b"d" * 10)
+        b.close()
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConnectionError, match="inside a PDU"):
+                PduReader(a, max_pdu_bytes=2**30).read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 * 2**20
+    a, b = socket.socketpair()
+    with a, b:  # and a large PDU that does come arrives whole
+        big = pdu(4, pdv(bytes(range(256)) * 40_000, last=True))  # 10 MB
+        threading.Thread(target=b.sendall, args=(big,), daemon=True).start()
+        pdu_type, body = PduReader(a, max_pdu_bytes=2**30).read()
+        assert pdu_type == 4 and bytes(body) == big[6:]
 
 
 def test_the_reader_drops_a_pdu_that_trickles_in_and_not_one_that_flows() -> None:

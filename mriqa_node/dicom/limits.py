@@ -48,15 +48,25 @@ class PduReader:
                 f"a PDU (type 0x{pdu_type:02X}) declares {length:,} bytes, more than the "
                 f"{self.max_pdu_bytes:,} accepted"
             )
+        if length > KEEP_BUFFER_BYTES:
+            return pdu_type, self._read_large(length)
         if length > len(self._buffer):
-            buffer = bytearray(length)
-            if length <= KEEP_BUFFER_BYTES:
-                self._buffer = buffer
-        else:
-            buffer = self._buffer
-        body = memoryview(buffer)[:length]
+            self._buffer = bytearray(length)
+        body = memoryview(self._buffer)[:length]
         self._fill(body)
         return pdu_type, body
+
+    def _read_large(self, length: int) -> memoryview:
+        """A PDU larger than the kept buffer, in a buffer that grows as its bytes arrive: what
+        a peer declares is not allocated before it is sent (a 1 GiB header and ten bytes
+        would otherwise cost 1 GiB)."""
+        body = bytearray()
+        while len(body) < length:
+            step = min(length - len(body), max(len(body), KEEP_BUFFER_BYTES))
+            start = len(body)
+            body += bytes(step)
+            self._fill(memoryview(body)[start:])
+        return memoryview(body)
 
     def _fill(self, view: memoryview, first: bool = False) -> bool:
         got = 0
