@@ -116,3 +116,16 @@ def test_a_response_the_reactor_takes_goes_back_to_the_waiting_send(tmp_path, mo
             assert assoc.send_c_echo().Status == 0
     finally:
         node.stop()
+
+
+def test_a_message_buffer_gives_each_message_its_own_bytes() -> None:
+    buffer = upper.MessageBuffer()
+    first = [bytes([i]) * 300_000 for i in range(1, 9)]  # 2.4 MB: grows past its first MiB
+    buffer.start(b"meta")
+    for fragment in first:
+        buffer.add(memoryview(fragment))
+    assert buffer.size == 4 + 2_400_000
+    assert buffer.take() == b"meta" + b"".join(first)
+    buffer.start(b"m2")  # the next message reuses the buffer and sees none of the first
+    buffer.add(b"xy")
+    assert buffer.take() == b"m2xy"

@@ -221,6 +221,7 @@ class MessageBuffer:
     its reallocations and page faults again each time (about 0.3 ms per 512 KiB here)."""
 
     KEEP_BYTES = 8 * 2**20  # a larger buffer is let go after its message
+    GROW_BYTES = 64 * 2**20
 
     def __init__(self) -> None:
         self._buffer = bytearray(2**20)
@@ -234,8 +235,9 @@ class MessageBuffer:
 
     def add(self, data: bytes | memoryview) -> None:
         end = self.size + len(data)
-        if end > len(self._buffer):
-            self._buffer += bytes(max(end, 2 * len(self._buffer)) - len(self._buffer))
+        if end > len(self._buffer):  # doubling, but never more than GROW_BYTES ahead
+            grown = max(end, min(2 * len(self._buffer), end + self.GROW_BYTES))
+            self._buffer += bytes(grown - len(self._buffer))
         self._buffer[self.size : end] = data
         self.size = end
 
