@@ -152,6 +152,10 @@ class StoreSCP:
             if conn.thread is not None:
                 conn.thread.join(timeout=max(deadline - time.monotonic(), 0))
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def open_connections(self, ip: str) -> int:
         with self._lock:
             return sum(1 for c in self._open if c.ip == ip)
@@ -355,7 +359,7 @@ class Association:
             if self.conn.associated:  # before it, PS3.8 closes the connection without one
                 self._abort(0)
         except (ConnectionError, OSError) as exc:
-            if not self.scp._stopping.is_set():
+            if not self.scp.stopping:
                 log.info("connection from %s lost: %s", ip, _short(exc))
 
     def _associate(self, reader: PduReader) -> bool:
