@@ -48,11 +48,14 @@ def tls_context(peer: RemoteAE) -> ssl.SSLContext:
 
 def open_association(ae: AE, host: str, port: int, called_aet: str,
                      tls: ssl.SSLContext | None = None) -> Association:  # fmt: skip
-    """``ae.associate`` with TCP_NODELAY and, given a context, TLS (the peer's certificate
-    checked against ``host``). The association may not be established: check it."""
+    """``ae.associate`` with TCP_NODELAY, given a context TLS (the peer's certificate checked
+    against ``host``), and responses kept for the sends waiting for them (keep_responses). The
+    association may not be established: check it."""
     tls_args = (tls, host) if tls is not None else None
-    return ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
-                        evt_handlers=NO_DELAY)  # fmt: skip
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
+                         evt_handlers=NO_DELAY)  # fmt: skip
+    keep_responses(assoc)
+    return assoc
 
 
 def keep_responses(assoc: Association) -> None:
@@ -81,7 +84,6 @@ def association(ae: AE, host: str, port: int, called_aet: str,
     assoc = open_association(ae, host, port, called_aet, tls)
     if not assoc.is_established:
         raise NotAssociated(assoc)
-    keep_responses(assoc)
     try:
         yield assoc
     except BaseException:

@@ -18,10 +18,10 @@ def file_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: 
     """What goes before the data set to make it a file (group 0002 in Explicit VR LE)."""
     body = b"".join((
         _long(0x0001, b"OB", b"\x00\x01"),
-        _short(0x0002, b"UI", _uid(sop_class_uid)),
-        _short(0x0003, b"UI", _uid(sop_instance_uid)),
-        _short(0x0010, b"UI", _uid(transfer_syntax_uid)),
-        _short(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)),
+        _short(0x0002, b"UI", uid_value(sop_class_uid)),
+        _short(0x0003, b"UI", uid_value(sop_instance_uid)),
+        _short(0x0010, b"UI", uid_value(transfer_syntax_uid)),
+        _short(0x0012, b"UI", uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
         _short(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION.encode(), b" ")),
     ))  # fmt: skip
     return PREAMBLE + _short(0x0000, b"UL", struct.pack("<L", len(body))) + body
@@ -35,7 +35,8 @@ def _long(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sHL", 0x0002, element, vr, 0, len(value)) + value
 
 
-def _uid(uid: str) -> bytes:
+def uid_value(uid: str) -> bytes:
+    """A UI value as DICOM encodes it: ASCII, padded with a NUL to even length."""
     return _even(str(uid).encode("ascii", "replace"), b"\x00")
 
 

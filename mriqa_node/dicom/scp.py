@@ -134,7 +134,7 @@ class StoreSCP:
         )
 
     def stop(self) -> None:
-        """Stop listening, abort the associations still open, and wait (bounded) for their
+        """Stop listening, close the connections still open, and wait (bounded) for their
         threads: an instance being stored is then either acknowledged or not, never midway."""
         self._stopping.set()
         if self._accepting is not None:
@@ -345,14 +345,16 @@ class Association:
                     log.info("association from %s (%s) aborted by the peer", self.calling, ip)
                     return
                 else:
-                    raise ProtocolError(f"an unexpected PDU of type 0x{pdu_type:02X}")
+                    raise ProtocolError(
+                        f"an unexpected PDU of type 0x{pdu_type:02X}", upper.UNEXPECTED_PDU
+                    )
             log.info("connection from %s (%s) closed without a release", self.calling or "?", ip)
         except PeerExceedsLimit as exc:
             log.warning("closing connection from %s: %s", ip, exc)
             self._abort(0)
         except ProtocolError as exc:
             log.warning("aborting association from %s (%s): %s", self.calling or "?", ip, exc)
-            self._abort(upper.INVALID_PARAMETER)
+            self._abort(exc.reason)
         except TimeoutError:
             log.warning("closing connection from %s: nothing received for %.0f s", ip,
                         self.sock.gettimeout() or 0)  # fmt: skip
@@ -368,7 +370,10 @@ class Association:
             return False
         pdu_type, body = pdu
         if pdu_type != upper.ASSOCIATE_RQ:
-            raise ProtocolError(f"a PDU of type 0x{pdu_type:02X} before an association request")
+            raise ProtocolError(
+                f"a PDU of type 0x{pdu_type:02X} before an association request",
+                upper.UNEXPECTED_PDU,
+            )
         request = upper.parse_associate_rq(body)
         self.calling = request.calling_ae
         rejection = self.scp.check(request)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from mriqa_node.dicom.part10 import uid_value
+
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 PDU_HEADER = struct.Struct(">BxL")  # type, reserved, length
@@ -35,7 +37,12 @@ NO_DATASET = 0x0101
 
 
 class ProtocolError(ValueError):
-    """The peer sent something this part of the standard does not allow; str says what."""
+    """The peer sent something this part of the standard does not allow; str says what, and
+    ``reason`` is the A-ABORT reason that tells the peer."""
+
+    def __init__(self, message: str, reason: int = INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,6 @@ class AssociateRequest:
     application_context: str
     contexts: tuple[PresentationContext, ...]
     max_pdu: int = 0  # the largest PDU the requestor receives; 0: no limit
-    implementation_class_uid: str = ""
 
 
 @dataclass
@@ -109,16 +115,14 @@ def parse_associate_rq(body: bytes | memoryview) -> AssociateRequest:
             contexts.append(_presentation_context(value))
         elif item_type == 0x50:
             user = value
-    max_pdu, implementation = 0, ""
+    max_pdu = 0
     for sub_type, value in _items(user, 0):
         if sub_type == 0x51 and len(value) == 4:
             max_pdu = struct.unpack(">L", value)[0]
-        elif sub_type == 0x52:
-            implementation = _uid(value)
     if not application_context:
         raise ProtocolError("an association request without an application context")
     return AssociateRequest(called, calling, version, application_context, tuple(contexts),
-                            max_pdu, implementation)  # fmt: skip
+                            max_pdu)  # fmt: skip
 
 
 def _presentation_context(value: bytes) -> PresentationContext:
@@ -217,8 +221,8 @@ def iter_pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
 
 class MessageBuffer:
     """A message's data set, assembled fragment by fragment behind a prefix in one buffer that
-    is kept for the connection's next message: a fresh, growing buffer per instance costs
-    its reallocations and page faults again each time (about 0.3 ms per 512 KiB here)."""
+    is kept for the connection's next message, so a 512 KiB instance does not grow a fresh
+    buffer (and copy it over) again each time."""
 
     KEEP_BYTES = 8 * 2**20  # a larger buffer is let go after its message
     GROW_BYTES = 64 * 2**20
@@ -276,21 +280,16 @@ def parse_command(data: bytes) -> Command:
 def encode_response(request: Command, status: int) -> bytes:
     """The C-STORE-RSP or C-ECHO-RSP command set that answers ``request``."""
     store = request.kind == C_STORE_RQ
-    elements = [(0x0002, _even_uid(request.sop_class_uid)),
+    elements = [(0x0002, uid_value(request.sop_class_uid)),
                 (0x0100, struct.pack("<H", C_STORE_RSP if store else C_ECHO_RSP)),
                 (0x0120, struct.pack("<H", request.message_id)),
                 (0x0800, struct.pack("<H", NO_DATASET)),
                 (0x0900, struct.pack("<H", status))]  # fmt: skip
     if store:
-        elements.append((0x1000, _even_uid(request.sop_instance_uid)))
+        elements.append((0x1000, uid_value(request.sop_instance_uid)))
     return encode_command(elements)
 
 
 def encode_command(elements: list[tuple[int, bytes]]) -> bytes:
     body = b"".join(struct.pack("<HHL", 0, e, len(v)) + v for e, v in sorted(elements))
     return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
-
-
-def _even_uid(uid: str) -> bytes:
-    raw = uid.encode("ascii", "replace")
-    return raw + b"\x00" if len(raw) % 2 else raw
