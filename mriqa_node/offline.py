@@ -61,7 +61,9 @@ def score_files(
             out_of_scope.setdefault(uid, decision.reason or "")
             continue
         try:
-            prepared = preprocess_frames(ds)
+            prepared = preprocess_frames(
+                ds, scorer.meta.input_size, scorer.meta.preprocessing_version
+            )
         except Unscorable as exc:
             report.unscorable.append({"file": str(path), "reason": str(exc)})
             continue

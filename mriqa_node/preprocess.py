@@ -2,11 +2,17 @@
 
 DICOM dataset -> float32 array [n_frames, 512, 512, 1] in [0, 1]. Training imports this module so
 that the model sees exactly what the node will feed it; any change to the output must bump
-PREPROCESSING_VERSION, because model artifacts record it and the node refuses a mismatch.
+PREPROCESSING_VERSION, because model artifacts record it: the node feeds each model the version
+it was trained with (any of SUPPORTED_VERSIONS, so a site's older model keeps working) and
+refuses others. Training always uses the current version.
 
 Steps, per frame: modality LUT (rescale slope/intercept), VOI window (linear, from the header, else
-a robust 0.5/99.5 % percentile window), MONOCHROME1 inverted, padded centred to a square with 0,
-resized with Pillow (mode "F", bilinear). Enhanced multi-frame objects may carry rescale and
+a robust 0.5/99.5 % percentile window), MONOCHROME1 inverted, turned (transposed) so that the
+phase-encoding direction runs down the columns, padded centred to a square with 0, resized with
+Pillow (mode "F", bilinear). Version 1 is the same without the turn. The turn (version 2) is
+there because motion ghosts and smearing lie along the phase-encoding direction: with it they
+always lie along the model's vertical axis, and a bright object that fills the frame in both
+directions no longer looks like them. Enhanced multi-frame objects may carry rescale and
 window per frame (Philips mixes magnitude and phase frames with different rescales in one file),
 so both are looked up per frame: per-frame functional group, then shared group, then top level.
 """
@@ -24,7 +30,8 @@ from PIL import Image
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
-PREPROCESSING_VERSION = "1"  # bump when output changes; model artifacts record it
+PREPROCESSING_VERSION = "2"  # bump when output changes; model artifacts record it
+SUPPORTED_VERSIONS = ("1", "2")  # what the node can still feed a model it is given
 INPUT_SIZE = 512
 
 MIN_SIZE = 8
@@ -69,29 +76,37 @@ class Frames:
         return np.flatnonzero(self.structure >= MIN_STRUCTURE)
 
 
-def preprocess(ds: pydicom.Dataset, size: int = INPUT_SIZE) -> np.ndarray:
+def preprocess(
+    ds: pydicom.Dataset, size: int = INPUT_SIZE, version: str = PREPROCESSING_VERSION
+) -> np.ndarray:
     """[n_frames, size, size, 1] float32 in [0, 1].
 
     Raises Unscorable (with a short reason) for objects without monochrome pixel data that can be
     decoded; a constant frame is not an error (it comes out as a constant, usually zeros).
     """
-    return preprocess_frames(ds, size).images
+    return preprocess_frames(ds, size, version).images
 
 
-def preprocess_frames(ds: pydicom.Dataset, size: int = INPUT_SIZE) -> Frames:
+def preprocess_frames(
+    ds: pydicom.Dataset, size: int = INPUT_SIZE, version: str = PREPROCESSING_VERSION
+) -> Frames:
     """``preprocess`` plus each frame's structure, measured on the stored pixel grid (after the
     window) where resampling has not yet smoothed the noise."""
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"preprocessing v{version} is not one of {SUPPORTED_VERSIONS}")
+    turn = version != "1"
     frames = _decode(ds)
-    n, rows, cols = frames.shape
+    n = len(frames)
     invert = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
-    side = max(rows, cols)
     out = np.empty((n, size, size, 1), dtype=np.float32)
     textures = np.zeros(n, dtype=np.float32)
     for i in range(n):
+        pixels = frames[i].T if turn and phase_encoding_along_rows(ds, i) else frames[i]
+        rows, cols = pixels.shape
         target = out[i, :, :, 0]
         # Work in place in the output slot when no geometry change is needed (saves a copy).
         buf = target if (rows == cols == size) else np.empty((rows, cols), dtype=np.float32)
-        np.copyto(buf, frames[i], casting="unsafe")
+        np.copyto(buf, pixels, casting="unsafe")
         if frames.dtype.kind == "f":
             np.nan_to_num(buf, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         slope, intercept = _rescale(ds, i)
@@ -109,6 +124,7 @@ def preprocess_frames(ds: pydicom.Dataset, size: int = INPUT_SIZE) -> Frames:
             np.subtract(1.0, buf, out=buf)
         if buf is target:
             continue
+        side = max(rows, cols)
         if rows != cols:
             square = np.zeros((side, side), dtype=np.float32)
             top, left = (side - rows) // 2, (side - cols) // 2
@@ -145,6 +161,17 @@ def structure(image: np.ndarray, lag: int = 2) -> float:
     rows = float(np.einsum("ij,ij->", x[lag:], x[:-lag])) * x.shape[0] / (x.shape[0] - lag)
     cols = float(np.einsum("ij,ij->", x[:, lag:], x[:, :-lag])) * x.shape[1] / (x.shape[1] - lag)
     return (rows + cols) / (2.0 * energy)
+
+
+def phase_encoding_along_rows(ds: pydicom.Dataset, index: int = 0) -> bool:
+    """True when frame ``index`` is phase-encoded along its rows (InPlanePhaseEncodingDirection
+    ROW; enhanced objects: MR FOV/Geometry macro, per frame, then shared). Unknown counts as COL,
+    the common case and what the training data records where the source did not say."""
+    for src in [*_group_items(ds, index, "MRFOVGeometrySequence"), ds]:
+        value = src.get("InPlanePhaseEncodingDirection")
+        if value:
+            return str(value).strip().upper() == "ROW"
+    return False
 
 
 def slice_positions(ds: pydicom.Dataset) -> list[float | None]:

@@ -20,7 +20,13 @@ import numpy as np
 import pydicom
 
 from mriqa_node.ml.scorer import Scorer
-from mriqa_node.preprocess import NO_ANATOMY, Unscorable, preprocess_frames, slice_positions
+from mriqa_node.preprocess import (
+    NO_ANATOMY,
+    PREPROCESSING_VERSION,
+    Unscorable,
+    preprocess_frames,
+    slice_positions,
+)
 from mriqa_node.services.claims import process_alive
 from mriqa_node.services.scoring import Claim, InstanceResult, WorkQueue
 from mriqa_node.services.series import SeriesService
@@ -38,22 +44,26 @@ class Prepared:
     frame_numbers: list[int] | None = None  # of those frames in the instance (None: 0..n-1)
 
 
-def prepare(spool: Spool, claim: Claim, size: int) -> Prepared:
+def prepare(
+    spool: Spool, claim: Claim, size: int, version: str = PREPROCESSING_VERSION
+) -> Prepared:
     """Read and preprocess one instance (see prepare_data)."""
     try:
         data = spool.read(claim.spool_path)
     except FileNotFoundError:
         return Prepared(claim, None, [], "file missing from the spool")
-    return prepare_data(claim, data, size)
+    return prepare_data(claim, data, size, version)
 
 
-def prepare_data(claim: Claim, data: bytes, size: int) -> Prepared:
+def prepare_data(
+    claim: Claim, data: bytes, size: int, version: str = PREPROCESSING_VERSION
+) -> Prepared:
     """Preprocess one instance's file; every failure becomes a stored reason, never an
     exception (one that escaped would send the claim round the worker loop for ever). Frames
     without anatomy are left out (all of them: the instance is not assessed)."""
     try:
         ds = pydicom.dcmread(BytesIO(data))
-        prepared = preprocess_frames(ds, size)
+        prepared = preprocess_frames(ds, size, version)
         keep = prepared.anatomy
         if not len(keep):
             return Prepared(claim, None, [], NO_ANATOMY)
@@ -114,9 +124,21 @@ class Worker:
         version = None if scorer is None else self.queue.model_version_id(scorer.meta.to_json())
         with self._swap_lock:
             self.shadow, self.shadow_version_id = scorer, version
-        if scorer is not None:
+        if scorer is not None and not self._same_input(scorer):
+            log.warning("shadow model: %s %s takes other input (size %s, preprocessing v%s) than"
+                        " the active model (%s, v%s): it is not shadowed", scorer.meta.name,
+                        scorer.meta.version, scorer.meta.input_size,
+                        scorer.meta.preprocessing_version, self.scorer.meta.input_size,
+                        self.scorer.meta.preprocessing_version)  # fmt: skip
+        elif scorer is not None:
             log.warning("shadow model: %s %s scores beside the active model, never alerting",
                         scorer.meta.name, scorer.meta.version)  # fmt: skip
+
+    def _same_input(self, other: Scorer) -> bool:
+        """Whether ``other`` can score the frames prepared for the active model."""
+        mine, theirs = self.scorer.meta, other.meta
+        return (mine.input_size, mine.preprocessing_version) == (
+            theirs.input_size, theirs.preprocessing_version)  # fmt: skip
 
     def _swap_if_promoted(self) -> None:
         with self._swap_lock:
@@ -163,8 +185,8 @@ class Worker:
     def _submit(self, claims: list[Claim]) -> Future[list[Prepared]] | None:
         if not claims:
             return None
-        size = self.scorer.meta.input_size
-        return self._pool.submit(lambda: [prepare(self.spool, c, size) for c in claims])
+        size, version = self.scorer.meta.input_size, self.scorer.meta.preprocessing_version
+        return self._pool.submit(lambda: [prepare(self.spool, c, size, version) for c in claims])
 
     def _score_and_record(self, prepared: list[Prepared]) -> None:
         # Frames as views, stacked one model batch at a time: a 200-frame enhanced object
@@ -199,7 +221,7 @@ class Worker:
                       results: list[InstanceResult]) -> None:  # fmt: skip
         """The candidate's scores of the same frames (same preprocessing), stored before the
         active model's, so a series decided on those has the shadow's scores too."""
-        if not frames or shadow.meta.input_size != self.scorer.meta.input_size:
+        if not frames or not self._same_input(shadow):
             return
         started = time.perf_counter()
         batch = self.max_batch

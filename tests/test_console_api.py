@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hypothesis
+import numpy as np
 import pytest
 import schemathesis
 from click.testing import CliRunner
@@ -23,9 +24,10 @@ from mriqa_node.config import Settings
 from mriqa_node.console.app import ConsoleContext, create_app, load_session_secret
 from mriqa_node.console.live import LiveFeed
 from mriqa_node.console.metrics import VERDICT_BUCKETS
-from mriqa_node.db.models import Alert, Event, Role, SeriesVerdict
+from mriqa_node.db.models import Alert, Event, Instance, Role, SeriesVerdict
 from mriqa_node.domain.throttle import LoginThrottle, ThrottlePolicy
 from mriqa_node.phantom import synth_series
+from mriqa_node.preprocess import preprocess
 from mriqa_node.services.alerts import AlertService
 from mriqa_node.services.images import SliceImages
 from mriqa_node.services.ratings import RatingService
@@ -167,6 +169,24 @@ def test_slice_image_and_heat_map(console: Console) -> None:
     assert c.client.get(f"{base[:-1]}1/image.png", headers=c.as_("admin")).status_code == 404
     other = f"/api/series/{c.good}/slices/{first['instance_id']}/0/image.png"
     assert c.client.get(other, headers=c.as_("admin")).status_code == 404
+
+
+def test_slice_pictures_keep_the_stored_orientation(env: Env, tmp_path: Path,
+                                                   model_dir: Path) -> None:  # fmt: skip
+    """The model gets a frame phase-encoded along its rows turned; people see it as stored."""
+    ds = synth_series(1, size=64, seed=5)[0]
+    ds.InPlanePhaseEncodingDirection = "ROW"
+    store(env, ds)
+    with env.sessions() as session:
+        instance_id = session.scalar(select(Instance.id))
+    images = SliceImages(env.sessions, env.spool, tmp_path / "cache", lambda: model_dir)
+    png = images.thumbnail(ds.SeriesInstanceUID, instance_id, 0, 512)
+    shown = np.asarray(Image.open(io.BytesIO(png)), np.float32) / 255.0
+    model_input = preprocess(ds)[0, ..., 0]
+    assert np.abs(shown - model_input.T).max() <= 1 / 255
+    assert np.abs(shown - model_input).max() > 0.2  # the phantom is not its own transpose
+    heat = Image.open(io.BytesIO(images.heat_map(ds.SeriesInstanceUID, instance_id, 0, 512)))
+    assert heat.size == (512, 512)
 
 
 def test_acknowledge_an_alert(console: Console) -> None:

@@ -422,6 +422,11 @@ def test_other_preprocessing_version_is_refused(artifact: Path) -> None:
         read_meta(artifact)
 
 
+def test_a_model_of_an_earlier_preprocessing_version_still_loads(artifact: Path) -> None:
+    _edit_meta(artifact, preprocessing_version="1")
+    assert read_meta(artifact).preprocessing_version == "1"
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -100,7 +100,8 @@ def make_enhanced(
     shared: dict[str, Any] | None = None,
 ) -> Dataset:
     """Enhanced MR dataset; per_frame[i] / shared may hold slope, intercept, center, width,
-    ipp (ImagePositionPatient) and iop (ImageOrientationPatient) for the functional groups."""
+    ipp (ImagePositionPatient), iop (ImageOrientationPatient) and pe
+    (InPlanePhaseEncodingDirection) for the functional groups."""
 
     def group(spec: dict[str, Any]) -> Dataset:
         g = Dataset()
@@ -114,6 +115,8 @@ def make_enhanced(
             g.PlanePositionSequence = [_item(ImagePositionPatient=spec["ipp"])]
         if "iop" in spec:
             g.PlaneOrientationSequence = [_item(ImageOrientationPatient=spec["iop"])]
+        if "pe" in spec:
+            g.MRFOVGeometrySequence = [_item(InPlanePhaseEncodingDirection=spec["pe"])]
         return g
 
     ds = make_ds(frames)
@@ -302,6 +305,57 @@ def test_non_square_is_padded_centred_then_resized(rows: int, cols: int) -> None
     assert img[:, 386:].max() == 0.0
     assert img[:, 130:382].min() == 1.0
     np.testing.assert_allclose(img, img[:, ::-1], atol=1e-6)  # centred
+
+
+@pytest.mark.parametrize("pixels_512", [False, True])
+def test_phase_encoding_along_rows_is_turned_to_the_columns(pixels_512: bool) -> None:
+    """Ghosts lie along the phase-encoding axis: the model always gets it vertical."""
+    rng = np.random.default_rng(3)
+    side = 512 if pixels_512 else 96
+    pixels = rng.integers(0, 4096, (side, side // 2), dtype=np.uint16)
+    window = {"WindowCenter": 2048, "WindowWidth": 4097}
+    col = preprocess(make_ds(pixels, InPlanePhaseEncodingDirection="COL", **window))
+    row = preprocess(make_ds(pixels, InPlanePhaseEncodingDirection="ROW", **window))
+    unknown = preprocess(make_ds(pixels, **window))
+    np.testing.assert_array_equal(unknown, col)  # unknown counts as COL
+    np.testing.assert_array_equal(row[0, :, :, 0], col[0, :, :, 0].T)
+    assert not np.array_equal(row, col)
+
+
+def test_version_1_does_not_turn_and_unknown_versions_are_refused() -> None:
+    """A model trained before the turn (a site's own, say) keeps getting what it learnt on."""
+    pixels = np.random.default_rng(5).integers(0, 4096, (64, 32), dtype=np.uint16)
+    row = make_ds(pixels, InPlanePhaseEncodingDirection="ROW")
+    np.testing.assert_array_equal(preprocess(row, version="1"), preprocess(make_ds(pixels)))
+    assert not np.array_equal(preprocess(row, version="1"), preprocess(row))
+    with pytest.raises(ValueError, match="preprocessing v0"):
+        preprocess(row, version="0")
+
+
+def test_worker_prepares_frames_for_the_models_preprocessing_version() -> None:
+    from io import BytesIO
+
+    from mriqa_node.services.scoring import Claim
+    from mriqa_node.worker import prepare_data
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.InPlanePhaseEncodingDirection = "ROW"
+    buf = BytesIO()
+    ds.save_as(buf)
+    claim = Claim(instance_id=1, series_id=1, sop_instance_uid=ds.SOPInstanceUID, spool_path="x")
+    v1, v2 = (prepare_data(claim, buf.getvalue(), 64, v) for v in ("1", "2"))
+    np.testing.assert_array_equal(v2.frames[0, ..., 0], v1.frames[0, ..., 0].T)
+
+
+def test_enhanced_phase_encoding_is_read_per_frame() -> None:
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 1000, (3, 48, 48), dtype=np.uint16)
+    ds = make_enhanced(frames, per_frame=[{"pe": "ROW"}, {"pe": "COL"}, {}],
+                       shared={"pe": "ROW"})  # fmt: skip
+    out = preprocess(ds)
+    for i, turned in enumerate([True, False, True]):  # the third frame: the shared group's ROW
+        single = preprocess(make_ds(frames[i].T if turned else frames[i]))[0]
+        np.testing.assert_allclose(out[i], single, atol=1e-6, err_msg=f"frame {i}")
 
 
 def test_small_image_is_upscaled_smoothly() -> None:

@@ -326,6 +326,18 @@ def test_image_cache_parallel_decode(phantom: Path, tmp_path: Path, monkeypatch)
 # --- learning, resuming, exporting ----------------------------------------------------------
 
 
+def test_augmentation_flips_but_never_transposes() -> None:
+    """Preprocessing puts the phase-encoding axis (where ghosts lie) down the columns; the
+    on-the-fly augmentation may flip it but must not turn it into the rows."""
+    import tensorflow as tf
+
+    x = np.zeros((64, 16, 16, 1), np.float32)
+    x[:, 2, 5, 0] = 1.0  # one bright pixel off both diagonals
+    out = data_mod._augment(tf.constant(x), tf.constant([7, 0], tf.int64)).numpy()
+    peaks = {np.unravel_index(int(np.argmax(o[..., 0])), (16, 16)) for o in out}
+    assert peaks == {(2, 5), (13, 5), (2, 10), (13, 10)}  # all four flips, no transpose
+
+
 def test_soft_targets_follow_the_measured_severity() -> None:
     records = [rec("P", i, {}, truth=c) for i, c in enumerate((2, 1, 1, 0, 0, 0))]
     severities = (0.0, 0.3, 0.45, 0.55, 0.9, None)

@@ -285,7 +285,7 @@ def _train_config(**kw):
     help="Patients (patterns, comma-separated) held out as the validation split.",
 )
 @click.option("--test-patients", default="", help="... as the test split.")
-@click.option("--augment", is_flag=True, help="Flips, transposes, gamma, gain on the fly.")
+@click.option("--augment", is_flag=True, help="Flips, gamma, gain on the fly.")
 @click.option(
     "--fractions",
     default="0.7,0.1,0.2",

@@ -355,19 +355,20 @@ def make_dataset(
 
 
 def _augment(x, seed):
-    """Per image, on the fly: one of the eight flips/transposes and a mild gamma and gain.
+    """Per image, on the fly: up-down and left-right flips and a mild gamma and gain.
 
-    None of them is motion, so none changes a label; they keep a handful of real subjects from
+    No transposes: preprocessing turns every frame so that its phase-encoding direction, along
+    which motion ghosts lie, runs down the columns, and a transpose would undo that. None of
+    them is motion, so none changes a label; they keep a handful of real subjects from
     being learnt by heart (the offline nuisances of ``training.realmotion`` vary the rest).
     Stateless random numbers from (seed, batch counter): the same seed, the same batches.
     """
     import tensorflow as tf
 
     b = tf.shape(x)[0]
-    u = tf.random.stateless_uniform([5, b, 1, 1, 1], seed=seed)
+    u = tf.random.stateless_uniform([4, b, 1, 1, 1], seed=seed)
     x = tf.where(u[0] < 0.5, tf.reverse(x, [2]), x)
     x = tf.where(u[1] < 0.5, tf.reverse(x, [1]), x)
-    x = tf.where(u[2] < 0.5, tf.transpose(x, [0, 2, 1, 3]), x)
-    gamma = tf.cast(tf.exp(0.6 * u[3] - 0.3), x.dtype)
-    gain = tf.cast(0.85 + 0.3 * u[4], x.dtype)
+    gamma = tf.cast(tf.exp(0.6 * u[2] - 0.3), x.dtype)
+    gain = tf.cast(0.85 + 0.3 * u[3], x.dtype)
     return tf.clip_by_value(tf.clip_by_value(x, 0, 1) ** gamma * gain, 0, 1)

@@ -199,9 +199,9 @@ def predict_real(run_dir: Path | str, manifest: Path | str, batch: int = 16,
     records = [r for r in read_manifest(manifest) if r.true_class is not None]
     labels = labels_for(records, "truth", cfg["task"])
     model = keras.saving.load_model(run / MODEL_FILE, compile=False)
-    size = int(cfg.get("input_size", 512))
-    logits = [np.asarray(model(x, training=False), np.float32)
-              for x in _batches(records, size, batch, f"real {run.name}", progress)]  # fmt: skip
+    size, version = int(cfg.get("input_size", 512)), str(cfg.get("preprocessing_version", "1"))
+    images = _batches(records, size, version, batch, f"real {run.name}", progress)
+    logits = [np.asarray(model(x, training=False), np.float32) for x in images]
     out = run / REAL_PREDICTIONS_FILE
     np.savez(
         out,
@@ -255,11 +255,12 @@ def evaluate_artifact(
     from training.manifest import labels_for, read_manifest
 
     scorer = Scorer(Path(artifact))
-    size = scorer.meta.input_size
+    size, version = scorer.meta.input_size, scorer.meta.preprocessing_version
     wanted = set(sources)
     records = [r for d in data_dirs for r in read_manifest(Path(d) / "manifest.csv")
                if r.true_class is not None and (not wanted or r.patient_id in wanted)]  # fmt: skip
-    probs = [scorer.score(x)[0][:, 0] for x in _batches(records, size, batch, "score", progress)]
+    probs = [scorer.score(x)[0][:, 0]
+             for x in _batches(records, size, version, batch, "score", progress)]  # fmt: skip
     p = np.clip(np.concatenate(probs) if probs else np.zeros(0), 1e-7, 1 - 1e-7)
     preds = {
         "artifact_logits": np.log(np.stack([p, 1 - p], axis=1)),  # already calibrated: T = 1
@@ -272,13 +273,15 @@ def evaluate_artifact(
     return evaluate_real(preds, "artifact", rows, SeriesPolicy.from_dict(scorer.meta.policy))
 
 
-def _batches(records: Sequence[Any], size: int, batch: int, desc: str, progress: bool):
-    """The records' images as the node preprocesses them, ``batch`` at a time."""
+def _batches(records: Sequence[Any], size: int, version: str, batch: int, desc: str,
+             progress: bool):  # fmt: skip
+    """The records' images as the node preprocesses them for a model of preprocessing
+    ``version``, ``batch`` at a time."""
     import pydicom
     from tqdm.auto import tqdm
 
     from mriqa_node.preprocess import preprocess
 
     for i in tqdm(range(0, len(records), batch), desc=desc, disable=not progress):
-        yield np.concatenate([preprocess(pydicom.dcmread(r.path), size)[:1]
+        yield np.concatenate([preprocess(pydicom.dcmread(r.path), size, version)[:1]
                               for r in records[i : i + batch]])  # fmt: skip

@@ -84,7 +84,7 @@ class TrainConfig:
     width: int = 64  # resnet10: first stage's width
     downsample: int = 1  # convnet: average-pool the input by this factor first
     head: str = "flatten"  # convnet: flatten (the paper) or gap (global average pooling)
-    augment: bool = False  # flips, transposes, gamma and gain on the fly (training batches)
+    augment: bool = False  # flips, gamma and gain on the fly (training batches)
     # Patients (fnmatch patterns) held out as the validation / test split whatever the
     # fractions say: a named held-out source, e.g. one vendor's subjects.
     val_patients: tuple[str, ...] = ()

@@ -15,7 +15,7 @@ from typing import Any
 
 from mriqa_node.domain.scope import ModelScope
 from mriqa_node.domain.verdict import NON_DIAGNOSTIC, SeriesPolicy
-from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION
+from mriqa_node.preprocess import INPUT_SIZE, PREPROCESSING_VERSION, SUPPORTED_VERSIONS
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -101,10 +101,10 @@ def read_meta(directory: Path) -> ArtifactMeta:
             f" ({meta.sha256[:12]}...); the weights were changed or damaged:"
             " re-export or reinstall the artifact"
         )
-    if meta.preprocessing_version != PREPROCESSING_VERSION:
+    if meta.preprocessing_version not in SUPPORTED_VERSIONS:
         raise ArtifactError(
-            f"{directory}: trained with preprocessing v{meta.preprocessing_version}, node has"
-            f" v{PREPROCESSING_VERSION}: retrain or export the model for this node version"
+            f"{directory}: trained with preprocessing v{meta.preprocessing_version}, node feeds"
+            f" v{', v'.join(SUPPORTED_VERSIONS)}: retrain or export the model for this node version"
         )
     if not meta.class_names or meta.class_names[0] != NON_DIAGNOSTIC:
         raise ArtifactError(f"{directory}: class 0 must be {NON_DIAGNOSTIC!r}")

@@ -18,7 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mriqa_node.db.models import Instance, Series, SliceScore
 from mriqa_node.imaging import heatmap_png, montage_png, thumbnail_png
-from mriqa_node.preprocess import Unscorable, preprocess
+from mriqa_node.preprocess import (
+    PREPROCESSING_VERSION,
+    Unscorable,
+    phase_encoding_along_rows,
+    preprocess,
+)
 from mriqa_node.spool import Spool
 
 SIZES = (128, 192, 256, 512)
@@ -43,8 +48,11 @@ class SliceImages:
         self._mapper = None
         self._mapper_lock = threading.Lock()
 
-    def _slice(self, series_uid: str, instance_id: int, frame: int) -> np.ndarray:
-        """The preprocessed slice [512, 512] in [0, 1], exactly what the model saw."""
+    def _slice(self, series_uid: str, instance_id: int, frame: int,
+               version: str = PREPROCESSING_VERSION) -> tuple[np.ndarray, bool]:  # fmt: skip
+        """The preprocessed slice [512, 512] in [0, 1], exactly what a model of preprocessing
+        ``version`` sees, and whether that turned it (phase encoding along its rows): pictures
+        turn it back, so they look the same whatever the version."""
         with self.reads() as session:
             path = session.scalar(
                 select(Instance.spool_path)
@@ -54,16 +62,16 @@ class SliceImages:
         if path is None:
             raise SliceNotFound(f"no instance {instance_id} in series {series_uid}")
         ds = pydicom.dcmread(self.spool.path(path))
-        frames = preprocess(ds)
+        frames = preprocess(ds, version=version)
         if not 0 <= frame < len(frames):
             raise SliceNotFound(f"instance {instance_id} has no frame {frame}")
-        return frames[frame, ..., 0]
+        return frames[frame, ..., 0], version != "1" and phase_encoding_along_rows(ds, frame)
 
     def thumbnail(self, series_uid: str, instance_id: int, frame: int, size: int) -> bytes:
         size = _size(size)
         return self._cached(
             self.cache_dir / "thumbs" / f"{instance_id}_{frame}_{size}.png",
-            lambda: thumbnail_png(self._slice(series_uid, instance_id, frame), size),
+            lambda: thumbnail_png(_as_stored(*self._slice(series_uid, instance_id, frame)), size),
         )
 
     def heat_map(self, series_uid: str, instance_id: int, frame: int, size: int) -> bytes:
@@ -73,9 +81,11 @@ class SliceImages:
         mapper = self._heat_mapper()
 
         def render() -> bytes:
-            image = self._slice(series_uid, instance_id, frame)
+            version = mapper.meta.preprocessing_version
+            image, turned = self._slice(series_uid, instance_id, frame, version)
             heat = mapper.heat_maps(image[None, ..., None])[0]
-            return heatmap_png(heat * self._p_nondiagnostic(instance_id, frame), size)
+            faded = heat * self._p_nondiagnostic(instance_id, frame)
+            return heatmap_png(_as_stored(faded, turned), size)
 
         return self._cached(
             self.cache_dir / "heat" / mapper.sha256[:16] / f"{instance_id}_{frame}_{size}.png",
@@ -92,9 +102,12 @@ class SliceImages:
         if not scored:
             raise SliceNotFound(f"series {series_uid} has no scored slice")
         mapper = self._heat_mapper()
-        tiles = [self._slice(series_uid, s["instance_id"], s["frame"]) for s in scored]
-        heats = mapper.heat_maps(np.stack(tiles)[..., None])
-        faded = [h * s["p_nondiagnostic"] for h, s in zip(heats, scored, strict=True)]
+        version = mapper.meta.preprocessing_version
+        slices = [self._slice(series_uid, s["instance_id"], s["frame"], version) for s in scored]
+        heats = mapper.heat_maps(np.stack([image for image, _ in slices])[..., None])
+        tiles = [_as_stored(image, turned) for image, turned in slices]
+        faded = [_as_stored(h * s["p_nondiagnostic"], turned)
+                 for h, s, (_, turned) in zip(heats, scored, slices, strict=True)]  # fmt: skip
         return montage_png(tiles, faded, columns, tile)
 
     def _p_nondiagnostic(self, instance_id: int, frame: int) -> float:
@@ -134,6 +147,11 @@ class SliceImages:
         tmp.write_bytes(data)
         tmp.replace(path)
         return data
+
+
+def _as_stored(image: np.ndarray, turned: bool) -> np.ndarray:
+    """A model-input picture (or its heat map) in the stored image's orientation."""
+    return image.T if turned else image
 
 
 def _size(size: int) -> int:
