@@ -195,7 +195,7 @@ REAL_SOURCES = {
     "nifti-brain": ("unknown_unknown_brain*",),
     "nifti-cspine": ("unknown_unknown_cspine*",),
 }
-BUNDLE_VERSION = "2.4.0"  # of the artifact `bundle` makes; bump it with the recipe
+BUNDLE_VERSION = "2.5.0"  # of the artifact `bundle` makes; bump it with the recipe
 BUNDLE_VAL = ("GE_MEDICAL_SYSTEMS_SCD0000101", "Siemens_Healthineers*", "SYN000[1-3]")
 BUNDLE_SOFT_LABELS = 0.1  # the bundle recipe trains on soft labels of this width
 BUNDLE_SEEDS = 2  # ... in this many runs, merged into one model
