@@ -94,14 +94,13 @@ def preprocess_frames(
     window) where resampling has not yet smoothed the noise."""
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"preprocessing v{version} is not one of {SUPPORTED_VERSIONS}")
-    turn = version != "1"
     frames = _decode(ds)
     n = len(frames)
     invert = str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1"
     out = np.empty((n, size, size, 1), dtype=np.float32)
     textures = np.zeros(n, dtype=np.float32)
     for i in range(n):
-        pixels = frames[i].T if turn and phase_encoding_along_rows(ds, i) else frames[i]
+        pixels = frames[i].T if turned(ds, i, version) else frames[i]
         rows, cols = pixels.shape
         target = out[i, :, :, 0]
         # Work in place in the output slot when no geometry change is needed (saves a copy).
@@ -172,6 +171,12 @@ def phase_encoding_along_rows(ds: pydicom.Dataset, index: int = 0) -> bool:
         if value:
             return str(value).strip().upper() == "ROW"
     return False
+
+
+def turned(ds: pydicom.Dataset, index: int = 0, version: str = PREPROCESSING_VERSION) -> bool:
+    """Whether preprocessing ``version`` transposes frame ``index`` (v2 and later: phase
+    encoding along its rows); pictures for people turn such a frame back."""
+    return version != "1" and phase_encoding_along_rows(ds, index)
 
 
 def slice_positions(ds: pydicom.Dataset) -> list[float | None]:

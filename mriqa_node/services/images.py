@@ -21,8 +21,8 @@ from mriqa_node.imaging import heatmap_png, montage_png, thumbnail_png
 from mriqa_node.preprocess import (
     PREPROCESSING_VERSION,
     Unscorable,
-    phase_encoding_along_rows,
     preprocess,
+    turned,
 )
 from mriqa_node.spool import Spool
 
@@ -65,7 +65,7 @@ class SliceImages:
         frames = preprocess(ds, version=version)
         if not 0 <= frame < len(frames):
             raise SliceNotFound(f"instance {instance_id} has no frame {frame}")
-        return frames[frame, ..., 0], version != "1" and phase_encoding_along_rows(ds, frame)
+        return frames[frame, ..., 0], turned(ds, frame, version)
 
     def thumbnail(self, series_uid: str, instance_id: int, frame: int, size: int) -> bytes:
         size = _size(size)
